@@ -1,0 +1,26 @@
+"""preprocess: data/raw/**.zip -> data/processed/ (int16 HU tensors, meta.json, splits.json, report.json)."""
+
+import sys
+from pathlib import Path
+
+from ctdiff.params import load_params
+from ctdiff.preprocess import PreprocessError, preprocess
+
+
+def main() -> int:
+    params = load_params()
+    try:
+        report = preprocess(params, Path("data/raw"), Path("data/processed"))
+    except PreprocessError as exc:
+        print(f"preprocess: {exc}", file=sys.stderr)
+        return 1
+    print(f"preprocess: {report['n_ok']} case(s) ok, {report['n_rejected']} rejected "
+          f"(details in data/processed/report.json)")
+    for case in report["cases"]:
+        if case["status"] != "ok":
+            print(f"  {case['case_id']}: {case['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

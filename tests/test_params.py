@@ -1,0 +1,46 @@
+import pytest
+import yaml
+
+from ctdiff.params import Params, ParamsError, load_params, params_from_dict, to_dict
+
+
+def test_committed_params_yaml_parses(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.source == "phantom"
+
+
+def test_round_trip_through_dict():
+    params = params_from_dict({})
+    assert params_from_dict(to_dict(params)) == params
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"data": {"sourse": "phantom"}}, "unknown key(s) ['sourse'] in data"),
+        ({"data": {"source": "s3"}}, "data.source must be one of"),
+        ({"data": {"phantom": {"n_cases": "many"}}}, "data.phantom.n_cases must be an integer"),
+        ({"data": {"phantom": {"shape": [4, 4]}}}, "data.phantom.shape must be a list of 3 values"),
+        ({"preprocess": {"allow_gaps": "yes"}}, "preprocess.allow_gaps must be true or false"),
+        ({"preprocess": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}}, "must sum to 1"),
+        ({"preprocess": {"spacing_mm": [1.0, 1.0]}}, "preprocess.spacing_mm must be [] or [sx, sy, sz]"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"data": {"source": "local"}}, "data.local_dir must name a folder"),
+    ],
+)
+def test_bad_values_name_the_key(raw, needle):
+    with pytest.raises(ParamsError) as exc:
+        params_from_dict(raw)
+    assert needle in str(exc.value)
+
+
+def test_float_written_without_dot_is_accepted(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"preprocess": {"max_unzipped_gb": "2e1"}}))
+    assert load_params(path).preprocess.max_unzipped_gb == 20.0
+
+
+def test_missing_file_says_where_to_run(tmp_path):
+    with pytest.raises(ParamsError, match="repository root"):
+        load_params(tmp_path / "params.yaml")
