@@ -57,7 +57,7 @@ def write_case_zip(path: Path, thin_hu: np.ndarray, slab: int = 5, *, frame2: st
 
 
 def make_params(**preprocess):
-    return params_from_dict({"preprocess": {"workers": 1, "min_cases": 1, **preprocess}})
+    return params_from_dict({"preprocess": {"workers": 1, "min_cases": 1, "min_slices": 3, **preprocess}})
 
 
 @pytest.fixture
