@@ -72,7 +72,9 @@ def encode_series(hu: np.ndarray, spec: SeriesSpec) -> list[tuple[str, bytes]]:
     sop_class = CTImageStorage
     files = []
     for k in range(n_slices):
-        sop_uid = generate_uid()
+        # Derived, not random: the same series writes byte-identical files, so DVC hashes of
+        # regenerated phantom zips do not change and downstream stages are not rerun for nothing.
+        sop_uid = generate_uid(entropy_srcs=[spec.series_uid, str(k)])
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid

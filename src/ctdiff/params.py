@@ -39,6 +39,9 @@ class PhantomParams:
         _require(all(s >= 4 for s in self.shape), "data.phantom.shape", "every size must be >= 4")
         _require(self.pixel_mm > 0 and self.thin_mm > 0, "data.phantom", "spacings must be > 0")
         _require(self.thick_mm >= self.thin_mm, "data.phantom.thick_mm", "must be >= thin_mm")
+        ratio = self.thick_mm / self.thin_mm
+        _require(abs(ratio - round(ratio)) < 1e-6, "data.phantom.thick_mm",
+                 f"must be a whole multiple of thin_mm (a thick slice averages whole thin slices), got {ratio:g}x")
         _require(self.noise_hu >= 0, "data.phantom.noise_hu", "must be >= 0")
 
 
@@ -101,12 +104,227 @@ class PreprocessParams:
         return self.workers or os.cpu_count() or 1
 
 
+# ----------------------------------------------------------------------------------------------- vae
+@dataclass(frozen=True)
+class HubParams:
+    """One pinned file on the Hugging Face Hub. ``sha256`` empty = not pinned yet (the stage prints it)."""
+
+    repo: str
+    revision: str  # a commit hash: the download is reproducible and a cached copy needs no network
+    filename: str
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class SdHubParams(HubParams):
+    repo: str = "stabilityai/sd-vae-ft-mse"
+    revision: str = "31f26fdeee1355a5c34592e401dd41e45d25a493"
+    filename: str = "diffusion_pytorch_model.safetensors"
+    sha256: str = "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815"
+    config_filename: str = "config.json"
+    config_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class MaisiHubParams(HubParams):
+    repo: str = "MONAI/maisi_ct_generative"
+    revision: str = "02aa18dbb5f0dc42d89460cdcb02d3b21f22aa1b"  # tag 1.0.0
+    filename: str = "models/autoencoder.pt"
+    sha256: str = "1f8a7a056d0ebc00486edc43c26768bf1c12eaa6df9dd172e34598003be95eb3"
+
+
+@dataclass(frozen=True)
+class MaisiArchParams:
+    """Width of an ``AutoencoderKlMaisi``; the rest of the released config is fixed in ctdiff.vae.maisi."""
+
+    num_channels: tuple[int, ...] = (64, 128, 256)
+    num_res_blocks: tuple[int, ...] = (2, 2, 2)
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        key = "vae.maisi.{arch,scratch}"
+        _require(len(self.num_channels) >= 2, f"{key}.num_channels", "needs >= 2 levels")
+        _require(len(self.num_res_blocks) == len(self.num_channels), f"{key}.num_res_blocks",
+                 "must have one entry per level of num_channels")
+        _require(all(c % self.norm_num_groups == 0 for c in self.num_channels), f"{key}.norm_num_groups",
+                 "must divide every entry of num_channels")
+
+
+@dataclass(frozen=True)
+class MaisiParams:
+    hub: MaisiHubParams = field(default_factory=MaisiHubParams)
+    arch: MaisiArchParams = field(default_factory=MaisiArchParams)  # released config: the hub weights match it
+    scratch: MaisiArchParams = field(
+        default_factory=lambda: MaisiArchParams(num_channels=(16, 32, 64), num_res_blocks=(1, 1, 1), norm_num_groups=8)
+    )
+    patch: tuple[int, int, int] = (32, 64, 64)  # vae_fit random crop [D, H, W]
+    tile: tuple[int, int, int] = (64, 64, 64)  # sliding-window tile [D, H, W] (multiples of 16); bigger = untiled
+    overlap: float = 0.25
+    num_splits: int = 1  # AutoencoderKlMaisi splits every conv input into this many pieces; 1 = no split
+    dim_split: int = 1
+
+    def __post_init__(self) -> None:
+        _require(all(t > 0 and t % 16 == 0 for t in self.tile), "vae.maisi.tile", "sizes must be multiples of 16")
+        _require(0.0 <= self.overlap < 1.0, "vae.maisi.overlap", "must be in [0, 1)")
+        _require(all(p > 0 for p in self.patch), "vae.maisi.patch", "sizes must be > 0")
+        _require(self.num_splits >= 1, "vae.maisi.num_splits", "must be >= 1")
+        _require(self.dim_split in (0, 1, 2), "vae.maisi.dim_split", "must be 0, 1 or 2")
+
+
+@dataclass(frozen=True)
+class SdArchParams:
+    """Width of a diffusers ``AutoencoderKL`` trained from scratch (the hub config fixes the pretrained one)."""
+
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+
+    def __post_init__(self) -> None:
+        _require(len(self.block_out_channels) >= 2, "vae.sd.scratch.block_out_channels", "needs >= 2 levels")
+        _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+                 "vae.sd.scratch.norm_num_groups", "must divide every entry of block_out_channels")
+
+
+@dataclass(frozen=True)
+class SdParams:
+    hub: SdHubParams = field(default_factory=SdHubParams)
+    scratch: SdArchParams = field(default_factory=SdArchParams)
+    patch: tuple[int, int, int] = (8, 64, 64)  # vae_fit random crop [slices, H, W]
+    slice_batch: int = 16  # axial slices per encoder/decoder call
+
+    def __post_init__(self) -> None:
+        _require(all(p > 0 for p in self.patch), "vae.sd.patch", "sizes must be > 0")
+        _require(self.slice_batch >= 1, "vae.sd.slice_batch", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class VaeParams:
+    use_maisi: bool = False  # false: SD VAE per axial slice; true: MAISI 3D VAE
+    pretrained: bool = True  # false: no download, vae_fit trains the architecture from scratch (offline)
+    hu_range: tuple[float, float] = (-1000.0, 1000.0)  # clipped and mapped to [0, 1] (SD: [-1, 1])
+    latent_channels: int = 4  # MAISI and scratch architectures; pretrained SD reads it from its config
+    finetune_epochs: int = 0  # pretrained: epochs of domain fine-tuning (0 = use as downloaded)
+    finetune_lr: float = 1.0e-5
+    scratch_epochs: int = 30
+    scratch_lr: float = 2.0e-3
+    patches_per_volume: int = 4  # random crops per training volume (source and target) per epoch
+    batch_size: int = 2
+    kl_weight: float = 1.0e-6
+    scale_cases: int = 0  # training targets encoded for the latent scale factor (0 = all)
+    hub_timeout_s: float = 5.0  # reachability check before a download; offline fails this fast
+    maisi: MaisiParams = field(default_factory=MaisiParams)
+    sd: SdParams = field(default_factory=SdParams)
+
+    def __post_init__(self) -> None:
+        _require(self.hu_range[0] < self.hu_range[1], "vae.hu_range", "must be [low, high] with low < high")
+        _require(self.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
+        _require(self.finetune_epochs >= 0 and self.scratch_epochs >= 0, "vae", "epochs must be >= 0")
+        _require(self.finetune_lr > 0 and self.scratch_lr > 0, "vae", "learning rates must be > 0")
+        _require(self.patches_per_volume >= 1 and self.batch_size >= 1, "vae", "patches_per_volume and "
+                 "batch_size must be >= 1")
+        _require(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
+        _require(self.scale_cases >= 0, "vae.scale_cases", "must be >= 0 (0 = all)")
+        _require(self.hub_timeout_s > 0, "vae.hub_timeout_s", "must be > 0")
+
+    @property
+    def codec(self) -> Literal["maisi", "sd"]:
+        return "maisi" if self.use_maisi else "sd"
+
+
+@dataclass(frozen=True)
+class VaeCheckParams:
+    split: Literal["val", "test", "train"] = "val"  # held-out cases to encode and decode
+    max_cases: int = 4  # 0 = every case of the split
+
+    def __post_init__(self) -> None:
+        _require(self.max_cases >= 0, "vae_check.max_cases", "must be >= 0 (0 = all)")
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class UnetParams:
+    """Width of the denoiser, ``monai.networks.nets.DiffusionModelUNet`` (3D; in/out channels follow the VAE).
+
+    Latent patches must be divisible by ``2 ** (len(channels) - 1)`` on every axis (the UNet halves them
+    at each level but the last); ``train.patch`` is checked against it.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 16
+    num_head_channels: int = 16
+
+    def __post_init__(self) -> None:
+        _require(len(self.channels) >= 2, "train.unet.channels", "needs >= 2 levels")
+        _require(len(self.attention_levels) == len(self.channels), "train.unet.attention_levels",
+                 "must have one entry per level of channels")
+        _require(all(c % self.norm_num_groups == 0 for c in self.channels), "train.unet.norm_num_groups",
+                 "must divide every entry of channels")
+        _require(self.num_res_blocks >= 1, "train.unet.num_res_blocks", "must be >= 1")
+        _require(self.num_head_channels >= 1, "train.unet.num_head_channels", "must be >= 1")
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sizes must be multiples of this (the UNet downsamples by 2 between levels)."""
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 12
+    vae_freeze_epochs: int = 8  # epochs [0, vae_freeze_epochs) frozen VAE on cached latents; then fine-tuned
+    vae_finetune: Literal["decoder", "full"] = "decoder"
+    vae_lr: float = 1.0e-5
+    vae_recon_weight: float = 1.0  # weight of (L1 in [0, 1] + vae_kl_weight * KL) on the target patch
+    vae_kl_weight: float = 1.0e-6  # KL summed over latent elements, as in vae_fit
+    patch: tuple[int, int, int] = (16, 64, 64)  # voxels [D, H, W]; multiples of VAE downsampling x UNet multiple
+    batch_size: int = 4  # patches per optimizer step (per process under torchrun)
+    patches_per_volume: int = 16  # random patches per training volume per epoch
+    lr: float = 1.0e-3
+    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio over all steps
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    scheduler: Literal["ddpm", "rflow"] = "ddpm"  # training noise process; sampling: DDIM for ddpm, RFlow for rflow
+    prediction: Literal["epsilon", "v"] = "epsilon"  # ddpm only; rflow always predicts the velocity
+    num_train_timesteps: int = 1000
+    sample_steps: int = 50  # DDIM / RFlow steps when sampling (evaluate)
+    val_patches_per_volume: int = 8  # fixed patches (and noise, timesteps) per val volume
+    latent_cache: Literal["memory", "disk"] = "memory"  # disk: also under models/checkpoints/latents (resume)
+    checkpoint_every: int = 100  # steps between last.pt writes (and one at every epoch end)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on CUDA only; CPU always runs fp32
+    unet: UnetParams = field(default_factory=UnetParams)
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(0 <= self.vae_freeze_epochs <= self.epochs, "train.vae_freeze_epochs", "must be in [0, train.epochs]")
+        _require(self.vae_lr > 0 and self.lr > 0, "train", "lr and vae_lr must be > 0")
+        _require(0.0 <= self.lr_min_ratio <= 1.0, "train.lr_min_ratio", "must be in [0, 1]")
+        _require(self.vae_recon_weight >= 0 and self.vae_kl_weight >= 0, "train", "vae_recon_weight and "
+                 "vae_kl_weight must be >= 0")
+        _require(all(p > 0 for p in self.patch), "train.patch", "sizes must be > 0")
+        _require(self.batch_size >= 1 and self.patches_per_volume >= 1, "train", "batch_size and "
+                 "patches_per_volume must be >= 1")
+        _require(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0, "train",
+                 "warmup_steps, weight_decay and grad_clip must be >= 0")
+        _require(self.num_train_timesteps >= 2, "train.num_train_timesteps", "must be >= 2")
+        _require(1 <= self.sample_steps <= self.num_train_timesteps, "train.sample_steps",
+                 "must be in [1, train.num_train_timesteps]")
+        _require(self.val_patches_per_volume >= 1, "train.val_patches_per_volume", "must be >= 1")
+        _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
 # ------------------------------------------------------------------------------------------- all
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    vae: VaeParams = field(default_factory=VaeParams)
+    vae_check: VaeCheckParams = field(default_factory=VaeCheckParams)
+    train: TrainParams = field(default_factory=TrainParams)
 
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")

@@ -1,0 +1,241 @@
+"""Phantom generator: anatomy in realistic HU, emboli, the physics of the thick series, the zip layout
+and DICOM that SimpleITK reads back with the right geometry."""
+
+import io
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from ctdiff.params import ParamsError, PhantomParams
+from ctdiff.phantom import (
+    HU_AIR,
+    HU_RANGES,
+    Tissue,
+    ape_case_numbers,
+    make_case,
+    slab_slices,
+    write_phantom_dataset,
+)
+
+SEED = 7
+# 8 mm pixels keep the default 320 mm field of view (so anatomy at its real size) on a small grid.
+SMALL = PhantomParams(n_cases=3, shape=(24, 40, 40), pixel_mm=8.0)
+FINE = PhantomParams(n_cases=3, shape=(24, 64, 64), pixel_mm=5.0)
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """In-plane 4-neighbour erosion: voxels whose neighbours share the tissue (no partial volume)."""
+    out = mask.copy()
+    for axis in (1, 2):
+        for shift in (1, -1):
+            out &= np.roll(mask, shift, axis=axis)
+    return out
+
+
+def _read_series(folder: Path) -> tuple[sitk.Image, sitk.ImageSeriesReader]:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    return reader.Execute(), reader
+
+
+def _pixel_data(zip_path: Path) -> dict[str, tuple[bytes, str]]:
+    """member name -> (PixelData, ImagePositionPatient) for every DICOM in the zip."""
+    out = {}
+    with zipfile.ZipFile(zip_path) as zf:
+        for name in zf.namelist():
+            ds = pydicom.dcmread(io.BytesIO(zf.read(name)))
+            out[name] = (ds.PixelData, str(ds.ImagePositionPatient))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, list[Path]]:
+    raw = tmp_path_factory.mktemp("raw")
+    return raw, write_phantom_dataset(raw, SMALL, SEED)
+
+
+@pytest.fixture(scope="module")
+def extracted(dataset, tmp_path_factory) -> tuple[Path, int]:
+    """The first APE zip, extracted, and its case number."""
+    _, paths = dataset
+    zip_path = next(p for p in paths if p.parent.name == "APE")
+    out = tmp_path_factory.mktemp("extracted")
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(out)
+    return out / zip_path.stem, int(zip_path.stem.split("_")[1])
+
+
+def test_zip_layout_matches_ape_data(dataset):
+    raw, paths = dataset
+    assert sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(raw).as_posix() for p in paths
+    )
+    numbers = sorted(int(p.stem.split("_")[1]) for p in paths)
+    assert numbers == [1, 2, 3]  # unique across both categories
+    ape = {p for p in paths if p.parent.name == "APE"}
+    assert len(ape) == 2 == len(ape_case_numbers(SMALL, SEED))  # round(3 * 0.5) = 2, half up
+    assert all(p.parent.name in ("APE", "non-APE") and p.name == f"case_{int(p.stem[5:]):03d}.zip" for p in paths)
+    n_thick = SMALL.shape[0] // slab_slices(SMALL)
+    for path in paths:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        assert all(n.startswith(f"{path.stem}/") and n.endswith(".dcm") for n in names)
+        assert sum(n.startswith(f"{path.stem}/1/") for n in names) == n_thick
+        assert sum(n.startswith(f"{path.stem}/2/") for n in names) == SMALL.shape[0]
+    assert not list(raw.rglob(".*"))  # no temporaries left behind
+
+
+def test_simpleitk_reads_both_series_with_the_phantom_geometry(extracted):
+    folder, number = extracted
+    case = make_case(number, SMALL, SEED, ape=True)
+    thick, thick_reader = _read_series(folder / "1")
+    thin, thin_reader = _read_series(folder / "2")
+
+    assert thin.GetSpacing() == pytest.approx(case.thin_spacing_mm) == (8.0, 8.0, 1.0)
+    assert thick.GetSpacing() == pytest.approx(case.thick_spacing_mm) == (8.0, 8.0, 5.0)
+    assert thin.GetOrigin() == pytest.approx(case.thin_origin_mm)
+    assert thick.GetOrigin() == pytest.approx(case.thick_origin_mm)
+    assert thin.GetDirection() == pytest.approx(case.direction) == thick.GetDirection()
+    assert thin.GetOrigin()[2] < 0  # LPS table positions, documented as negative
+
+    def tag(reader, key):
+        return reader.GetMetaData(0, key).strip()
+
+    assert tag(thin_reader, "0020|0052") == tag(thick_reader, "0020|0052")  # FrameOfReferenceUID
+    assert tag(thin_reader, "0020|000d") == tag(thick_reader, "0020|000d")  # StudyInstanceUID
+    assert tag(thin_reader, "0020|000e") != tag(thick_reader, "0020|000e")  # SeriesInstanceUID
+    assert tag(thin_reader, "0010|0010") == f"PHANTOM^CASE{number:03d}"
+
+    # The stored HU are the generated ones, on the writer's storage grid (intercept -1024, uint16).
+    def stored(hu):
+        return np.clip(np.rint(hu - -1024.0), 0, 65535) - 1024
+
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(thin), stored(case.thin_hu))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(thick), stored(case.thick_hu))
+
+
+def test_thick_series_is_the_slab_average_of_the_thin_truth_at_its_physical_z(extracted):
+    folder, number = extracted
+    case = make_case(number, SMALL, SEED, ape=True)
+    thick = sitk.GetArrayFromImage(_read_series(folder / "1")[0]).astype(np.float64)
+    thin_img, _ = _read_series(folder / "2")
+    thin_z = thin_img.GetOrigin()[2] + np.arange(thin_img.GetSize()[2]) * thin_img.GetSpacing()[2]
+    n = slab_slices(SMALL)
+
+    def slab_average(offset_slices: int) -> np.ndarray:
+        """Mean of the thin truth over [z - thick/2, z + thick/2) around each thick slice's z."""
+        out = []
+        for j in range(thick.shape[0]):
+            z = case.thick_origin_mm[2] + j * SMALL.thick_mm + offset_slices * SMALL.thin_mm
+            ks = np.nonzero((thin_z >= z - SMALL.thick_mm / 2) & (thin_z < z + SMALL.thick_mm / 2))[0]
+            assert len(ks) == n
+            out.append(case.truth_hu[ks].mean(axis=0))
+        return np.stack(out)
+
+    body = slab_average(0) > -950  # away from the -1024 storage floor
+    residual = (thick - slab_average(0))[body]
+    expected_std = math.hypot(SMALL.noise_hu / math.sqrt(n), 1 / math.sqrt(12))  # noise + rounding
+    assert abs(residual.mean()) < 0.5
+    assert residual.std() == pytest.approx(expected_std, rel=0.15)
+    # One thin slice off in z is clearly worse: the test sees the slab position, not just the average.
+    assert (thick - slab_average(1))[body].std() > 1.5 * residual.std()
+
+    thin_residual = sitk.GetArrayFromImage(thin_img) - case.truth_hu
+    assert thin_residual[case.truth_hu > -950].std() == pytest.approx(SMALL.noise_hu, rel=0.1)
+
+
+def test_thin_series_has_z_detail_that_the_thick_one_loses():
+    case = make_case(1, SMALL, SEED, ape=True)
+    n, k0 = case.slab_slices, case.slab_start
+    depth = case.thick_truth_hu.shape[0] * n
+    nearest_slab = np.repeat(case.thick_truth_hu, n, axis=0)
+    err = np.abs(nearest_slab - case.truth_hu[k0 : k0 + depth])
+    body = case.labels[k0 : k0 + depth] != Tissue.AIR
+    assert err[body].mean() > 5.0  # HU: the slab average erases real structure along z
+    assert np.percentile(err[body], 99) > 150.0  # vessels crossing slices
+
+
+@pytest.mark.parametrize("number", [1, 2, 3])
+def test_tissues_have_realistic_hu(number):
+    case = make_case(number, FINE, SEED, ape=False)
+    hu, labels = case.truth_hu, case.labels
+    lung = hu[_eroded(labels == Tissue.LUNG)]
+    assert lung.mean() == pytest.approx(-850, abs=60)
+    artery = hu[_eroded(labels == Tissue.ARTERY)]
+    assert artery.size > 50
+    assert 250 <= np.median(artery) <= 350
+    assert np.mean((artery >= 250) & (artery <= 350)) > 0.95
+    bone = hu[(labels == Tissue.BONE_CORTICAL) | (labels == Tissue.BONE_CANCELLOUS)]
+    assert bone.size > 100 and bone.mean() > 200
+    assert hu[labels == Tissue.BONE_CORTICAL].max() >= HU_RANGES["cortical"][0] - 100  # thin shells: partial volume
+    fat = hu[_eroded(labels == Tissue.FAT)]
+    assert -120 <= np.median(fat) <= -80
+    assert np.all(hu[:, :2, :] == HU_AIR) and np.all(hu[:, :, :2] == HU_AIR)  # air around the body
+    assert (labels == Tissue.AIR).mean() > 0.2
+    # The noisy series keeps the tissue means.
+    assert case.thin_hu[_eroded(labels == Tissue.LUNG)].mean() == pytest.approx(lung.mean(), abs=2)
+
+
+@pytest.mark.parametrize("number", [1, 2, 3])
+def test_ape_cases_have_filling_defects_inside_arteries_and_non_ape_none(number):
+    ape = make_case(number, SMALL, SEED, ape=True)
+    healthy = make_case(number, SMALL, SEED, ape=False)
+    assert healthy.n_emboli == 0 and not (healthy.labels == Tissue.EMBOLUS).any()
+    assert 1 <= ape.n_emboli <= 3
+    emboli = ape.labels == Tissue.EMBOLUS
+    assert emboli.any()
+    # Same patient: the emboli sit where the healthy twin has contrast-filled artery...
+    assert np.all(healthy.labels[emboli] == Tissue.ARTERY)
+    # ...and they only ever lower the density (a filling defect), nowhere else is anything changed.
+    changed = ape.truth_hu != healthy.truth_hu
+    assert changed.any() and np.all(ape.truth_hu[changed] < healthy.truth_hu[changed])
+    assert np.all(np.isin(healthy.labels[changed], [Tissue.ARTERY, Tissue.LUNG, Tissue.SOFT_TISSUE,
+                                                    Tissue.HEART, Tissue.BLOOD, Tissue.AIRWAY]))
+    core = ape.truth_hu[emboli].min()
+    assert core < 120  # the defect's own density (40..60 HU) shows at its core
+    assert healthy.truth_hu[emboli].mean() - ape.truth_hu[emboli].mean() > 100
+    z_slices = np.unique(np.nonzero(emboli)[0])
+    assert 2 <= len(z_slices) <= 24  # a few mm along z at 1 mm slices
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(tmp_path):
+    p = PhantomParams(n_cases=2, shape=(10, 32, 32), pixel_mm=10.0)
+    first = write_phantom_dataset(tmp_path / "a", p, seed=3)
+    again = write_phantom_dataset(tmp_path / "b", p, seed=3)
+    other = write_phantom_dataset(tmp_path / "c", p, seed=4)
+    assert [q.relative_to(tmp_path / "a") for q in first] == [q.relative_to(tmp_path / "b") for q in again]
+    for x, y in zip(first, again):
+        assert _pixel_data(x) == _pixel_data(y)
+    for x, y in zip(first, other):
+        pixels_x = [v[0] for v in _pixel_data(x).values()]
+        pixels_y = [v[0] for v in _pixel_data(y).values()]
+        assert pixels_x != pixels_y
+
+
+def test_patients_vary_but_ape_and_healthy_twins_share_anatomy():
+    a, b = make_case(1, SMALL, SEED, ape=False), make_case(2, SMALL, SEED, ape=False)
+    assert np.mean(a.labels != b.labels) > 0.05
+    assert a.thin_origin_mm[2] != b.thin_origin_mm[2] or not np.array_equal(a.truth_hu, b.truth_hu)
+    twin = make_case(1, SMALL, SEED, ape=True)
+    assert twin.thin_origin_mm == a.thin_origin_mm and twin.uids == a.uids
+
+
+def test_slab_must_hold_whole_thin_slices():
+    with pytest.raises(ParamsError, match="whole multiple of thin_mm"):
+        PhantomParams(thin_mm=1.0, thick_mm=2.5)
+    with pytest.raises(ValueError, match="cannot hold one"):
+        make_case(1, PhantomParams(shape=(4, 32, 32), pixel_mm=10.0), SEED, ape=False)
+
+
+def test_default_phantom_is_fast():
+    import time
+
+    start = time.perf_counter()
+    make_case(1, PhantomParams(), SEED, ape=True)
+    assert time.perf_counter() - start < 2.0  # 12 of these make the default dataset
