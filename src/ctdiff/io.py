@@ -7,7 +7,6 @@ POSIX within one filesystem), so readers see either the old file or the complete
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -52,9 +51,11 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

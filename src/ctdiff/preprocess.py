@@ -104,10 +104,10 @@ def params_fingerprint(p: PreprocessParams) -> str:
 
 
 # ------------------------------------------------------------------------------------------ one case
-def common_grid(series1: sitk.Image, series2: sitk.Image, p: PreprocessParams) -> tuple[Grid, list[str]]:
+def common_grid(series1: Grid, series2: Grid, p: PreprocessParams) -> tuple[Grid, list[str]]:
     """Series 2's grid, restricted to the slices series 1 covers, then respaced and cropped/padded."""
     warnings: list[str] = []
-    grid = Grid.of_image(series2)
+    grid = series2
     k0, k1 = slice_range_covered(grid, series1)
     if k1 <= k0:
         raise CaseRejected("series 1 does not cover any slice of series 2 along the slice axis")
@@ -131,10 +131,10 @@ def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprin
         pair = read_case(case.zip_path, min_slices=p.min_slices, allow_gaps=p.allow_gaps,
                          max_members=p.max_zip_members,
                          max_unzipped_bytes=int(p.max_unzipped_gb * 1024**3))
-        img1, img2 = pair.series1.to_sitk(), pair.series2.to_sitk()
-        grid, grid_warnings = common_grid(img1, img2, p)
-        target_hu = resample(img2, grid, "linear") if grid != Grid.of_image(img2) else pair.series2.hu
-        source_hu = resample(img1, grid, p.interpolator)
+        s1, s2 = pair.series1, pair.series2
+        grid, grid_warnings = common_grid(s1.grid, s2.grid, p)
+        target_hu = s2.hu if grid == s2.grid else resample(s2.hu, s2.grid, grid, "linear")
+        source_hu = resample(s1.hu, s1.grid, grid, p.interpolator)
     except CaseRejected as exc:
         return CaseResult(case.case_id, case.category, "rejected", str(exc))
     except MemoryError:
