@@ -85,6 +85,10 @@ def test_processed_case_matches_the_truth(raw, tmp_path):
     # The thick slab centred at slice 2 equals the mean of thin slices 0..4 at its centre.
     np.testing.assert_allclose(source[2], truth[0:5].mean(axis=0), atol=1.0)
     assert meta["series1"]["spacing"][2] == 5.0 and meta["series2"]["n_slices"] == 20
+    series1 = np.load(case / "series1.npy")  # as acquired: 4 slabs of 5 mm on their own grid
+    assert series1.shape == tuple(meta["series1"]["grid"]["shape"]) == (4, 20, 24)
+    np.testing.assert_allclose(series1[1], truth[5:10].mean(axis=0), atol=0.51)
+    np.testing.assert_allclose(meta["series1"]["grid"]["origin"], (-12.0, -10.0, -98.0))
     assert meta["split"] in ("train", "val", "test")
 
 

@@ -153,6 +153,8 @@ def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprin
     with atomic_dir(out_dir / case.case_id) as tmp:
         atomic_save_npy(tmp / "source.npy", to_int16_hu(source_hu))
         atomic_save_npy(tmp / "target.npy", to_int16_hu(target_hu))
+        # Series 1 as acquired (thick slices, its own grid): evaluate's baselines and panels start from it.
+        atomic_save_npy(tmp / "series1.npy", to_int16_hu(s1.hu))
         atomic_write_json(tmp / "meta.json", meta)
     return CaseResult(case.case_id, case.category, "ok", "", meta["warnings"])
 
@@ -160,6 +162,7 @@ def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprin
 def _series_summary(series: Series) -> dict:
     """Acquisition geometry worth keeping (no identifiers)."""
     return {
+        "grid": series.grid.to_meta(),
         "n_slices": int(series.n_slices),
         "spacing": [round(float(v), 6) for v in series.spacing_mm],
         "slice_thickness": None if series.slice_thickness_mm is None else round(float(series.slice_thickness_mm), 6),
