@@ -1,0 +1,38 @@
+"""Read the processed-data contract (``data/processed/``): splits and per-case int16 HU volumes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Case:
+    """One processed case: ``<processed>/<case_id>/{source,target}.npy`` (int16 HU, (D, H, W)) + meta.json."""
+
+    case_id: str
+    folder: Path
+    spacing_mm: tuple[float, float, float]  # (sx, sy, sz)
+
+    def load(self, which: Literal["source", "target"], mmap: bool = False) -> np.ndarray:
+        """(D, H, W) int16 HU; ``mmap`` reads lazily (random crops from real-size volumes)."""
+        return np.load(self.folder / f"{which}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def split_cases(processed_dir: Path, split: str, max_cases: int = 0) -> list[Case]:
+    """Cases of ``split`` in splits.json order (the first ``max_cases`` when > 0)."""
+    splits_path = processed_dir / "splits.json"
+    if not splits_path.is_file():
+        raise FileNotFoundError(f"{splits_path} not found: run the preprocess stage first (dvc repro preprocess)")
+    case_ids = json.loads(splits_path.read_text()).get(split, [])
+    if max_cases:
+        case_ids = case_ids[:max_cases]
+    cases = []
+    for case_id in case_ids:
+        meta = json.loads((processed_dir / case_id / "meta.json").read_text())
+        cases.append(Case(case_id, processed_dir / case_id, tuple(float(s) for s in meta["grid"]["spacing"])))
+    return cases

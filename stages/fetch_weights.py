@@ -1,0 +1,34 @@
+"""fetch_weights: the pinned pretrained VAE (params vae.*) -> models/pretrained/ (weights + source.json).
+
+Offline with an empty Hugging Face cache it stops in seconds and names the offline switch
+(dvc exp run -S vae.pretrained=false); it never falls back to random weights.
+"""
+
+import sys
+from pathlib import Path
+
+from ctdiff.hub import HubError
+from ctdiff.params import load_params
+from ctdiff.vae.load import WeightsError, fetch_pretrained
+
+
+def main() -> int:
+    vae = load_params().vae
+    try:
+        record, notes = fetch_pretrained(vae, Path("models/pretrained"))
+    except (HubError, WeightsError) as exc:
+        print(f"fetch_weights: {exc}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(f"fetch_weights: {note}")
+    if record["source"] == "scratch":
+        print(f"fetch_weights: vae.pretrained=false, nothing downloaded; vae_fit trains the {vae.codec} VAE "
+              "from scratch")
+    else:
+        print(f"fetch_weights: {record['repo']}@{record['revision'][:12]} verified -> models/pretrained "
+              f"({', '.join(record['files'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""vae_check: models/vae/ + held-out processed volumes -> dvclive/vae_check/ (metrics, per case, images)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ctdiff.metrics import atomic_live
+from ctdiff.params import load_params
+from ctdiff.vae.check import check_vae
+from ctdiff.vae.load import WeightsError
+
+
+def main() -> int:
+    params = load_params()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        with atomic_live("dvclive/vae_check") as live:
+            summary = check_vae(params, Path("data/processed"), Path("models/vae"), live, device)
+    except (WeightsError, FileNotFoundError, RuntimeError) as exc:
+        print(f"vae_check: {exc}", file=sys.stderr)
+        return 1
+    print(f"vae_check: {summary['codec']} over {summary['n_cases']} case(s): psnr {summary['psnr']:.2f} dB, "
+          f"psnr_body {summary['psnr_body']:.2f} dB, ssim {summary['ssim']:.3f}, "
+          f"mae_hu_body {summary['mae_hu_body']:.1f} HU, {summary['seconds_per_volume']:.2f} s/volume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""vae_fit: processed train split + models/pretrained -> models/vae/ (manifest + weights), dvclive/vae_fit/.
+
+vae.pretrained=true: the downloaded VAE, fine-tuned for vae.finetune_epochs (0 = as downloaded, not
+copied); vae.pretrained=false: the same architecture family trained from scratch for vae.scratch_epochs.
+Either way the latent scale factor (1 / std of training latents) goes into the manifest.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ctdiff.metrics import atomic_live
+from ctdiff.params import load_params
+from ctdiff.vae.fit import fit_vae
+from ctdiff.vae.load import WeightsError
+
+
+def main() -> int:
+    params = load_params()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        with atomic_live("dvclive/vae_fit") as live:
+            manifest = fit_vae(params, Path("data/processed"), Path("models/pretrained"), Path("models/vae"),
+                               live, device)
+    except (WeightsError, FileNotFoundError, RuntimeError) as exc:
+        print(f"vae_fit: {exc}", file=sys.stderr)
+        return 1
+    print(f"vae_fit: {manifest['codec']} VAE ({manifest['weights']['source']}) -> models/vae, "
+          f"scale factor {manifest['scale_factor']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

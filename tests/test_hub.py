@@ -1,0 +1,216 @@
+"""fetch_weights against a Hugging Face cache built here in the real layout, with the hub offline."""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from huggingface_hub import constants
+from vae_helpers import (  # single_torch_thread is a fixture
+    COMMIT,
+    MAISI_REPO,
+    SD_REPO,
+    SINGLE_THREAD_ENV,
+    add_to_hf_cache,
+    as_params,
+    single_torch_thread,  # noqa: F401
+    tiny_params,
+    write_params,
+)
+
+from ctdiff.hub import HubError
+from ctdiff.vae.load import (
+    MAISI_WEIGHTS,
+    SD_CONFIG,
+    SD_WEIGHTS,
+    SOURCE_JSON,
+    WeightsError,
+    fetch_pretrained,
+    new_codec,
+    pretrained_codec,
+)
+from ctdiff.vae.maisi import maisi_config
+from ctdiff.vae.sd import sd_scratch_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAISI_FILE = "models/autoencoder.pt"
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    # huggingface_hub reads HF_HUB_OFFLINE at import; its constant is what the code consults.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def _maisi_state_dict() -> dict[str, torch.Tensor]:
+    vae = as_params(tiny_params(use_maisi=True, pretrained=True)).vae
+    return new_codec(vae, maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict()
+
+
+def _torch_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _sd_files(tmp_path: Path) -> dict[str, bytes]:
+    vae = as_params(tiny_params(use_maisi=False, pretrained=True)).vae
+    folder = tmp_path / "sd_export"
+    AutoencoderKL(**sd_scratch_config(vae.sd.scratch, vae.latent_channels)).save_pretrained(folder)
+    return {name: (folder / name).read_bytes() for name in (SD_CONFIG, SD_WEIGHTS)}
+
+
+def _maisi_params(sha256: str) -> dict:
+    return tiny_params(use_maisi=True, pretrained=True, **{"maisi.hub.sha256": sha256})
+
+
+def test_maisi_found_offline_verified_and_loaded(tmp_path, offline):
+    cache = tmp_path / "hf"
+    hashes = add_to_hf_cache(cache, MAISI_REPO, COMMIT, {MAISI_FILE: _torch_bytes(_maisi_state_dict())})
+    vae = as_params(_maisi_params(hashes[MAISI_FILE])).vae
+    out = tmp_path / "models" / "pretrained"
+
+    record, notes = fetch_pretrained(vae, out, cache)
+
+    assert record == {"source": "hub", "codec": "maisi", "repo": MAISI_REPO, "revision": COMMIT,
+                      "files": {MAISI_WEIGHTS: hashes[MAISI_FILE]}}
+    assert notes == []
+    assert json.loads((out / SOURCE_JSON).read_text()) == record
+    assert hashlib.sha256((out / MAISI_WEIGHTS).read_bytes()).hexdigest() == hashes[MAISI_FILE]
+    codec = pretrained_codec(vae, out)
+    assert codec.latent_shape((16, 16, 16)) == (4, 4, 4, 4)
+
+
+def test_sd_found_offline_and_unpinned_config_hash_is_reported(tmp_path, offline):
+    cache = tmp_path / "hf"
+    hashes = add_to_hf_cache(cache, SD_REPO, COMMIT, _sd_files(tmp_path))
+    vae = as_params(tiny_params(use_maisi=False, pretrained=True, **{"sd.hub.sha256": hashes[SD_WEIGHTS]})).vae
+    assert vae.sd.hub.config_sha256 == ""
+    out = tmp_path / "pretrained"
+
+    record, notes = fetch_pretrained(vae, out, cache)
+
+    assert record["files"] == {SD_CONFIG: hashes[SD_CONFIG], SD_WEIGHTS: hashes[SD_WEIGHTS]}
+    assert len(notes) == 1
+    assert hashes[SD_CONFIG] in notes[0] and f"-S vae.sd.hub.config_sha256={hashes[SD_CONFIG]}" in notes[0]
+    assert pretrained_codec(vae, out).downsample == (1, 8, 8)
+
+
+def test_tampered_file_is_refused_and_nothing_written(tmp_path, offline):
+    cache = tmp_path / "hf"
+    hashes = add_to_hf_cache(cache, MAISI_REPO, COMMIT, {MAISI_FILE: _torch_bytes(_maisi_state_dict())})
+    pinned = hashlib.sha256(b"the file that was pinned").hexdigest()
+    out = tmp_path / "pretrained"
+
+    with pytest.raises(HubError) as exc:
+        fetch_pretrained(as_params(_maisi_params(pinned)).vae, out, cache)
+
+    message = str(exc.value)
+    assert hashes[MAISI_FILE] in message and pinned in message
+    assert f"-S vae.maisi.hub.sha256={hashes[MAISI_FILE]}" in message
+    assert not out.exists()
+    assert list(tmp_path.glob(".pretrained*")) == []  # no temporary folder left behind
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_with_arbitrary_object_is_refused_without_running_it(tmp_path, offline):
+    marker = tmp_path / "payload-ran"
+    data = _torch_bytes({"encoder.conv_in.conv.weight": torch.zeros(1), "evil": _Payload(marker)})
+    hashes = add_to_hf_cache(tmp_path / "hf", MAISI_REPO, COMMIT, {MAISI_FILE: data})
+    out = tmp_path / "pretrained"
+
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        fetch_pretrained(as_params(_maisi_params(hashes[MAISI_FILE])).vae, out, tmp_path / "hf")
+
+    assert not marker.exists()
+    assert not out.exists()
+
+
+def test_checkpoint_with_wrong_keys_is_refused_listing_them(tmp_path, offline):
+    state = _maisi_state_dict()
+    state["encoder.extra_head.weight"] = state.pop("decoder.blocks.0.conv.conv.weight")
+    hashes = add_to_hf_cache(tmp_path / "hf", MAISI_REPO, COMMIT, {MAISI_FILE: _torch_bytes({"state_dict": state})})
+    out = tmp_path / "pretrained"
+
+    with pytest.raises(WeightsError) as exc:
+        fetch_pretrained(as_params(_maisi_params(hashes[MAISI_FILE])).vae, out, tmp_path / "hf")
+
+    message = str(exc.value)
+    assert "1 missing key(s): decoder.blocks.0.conv.conv.weight" in message
+    assert "1 unexpected key(s): encoder.extra_head.weight" in message
+    assert not out.exists()
+
+
+def test_offline_with_empty_cache_fails_fast_naming_the_switch(tmp_path, offline):
+    vae = as_params(tiny_params(use_maisi=False, pretrained=True)).vae
+    started = time.perf_counter()
+    with pytest.raises(HubError) as exc:
+        fetch_pretrained(vae, tmp_path / "pretrained", tmp_path / "empty-cache")
+    assert time.perf_counter() - started < 2.0
+    message = str(exc.value)
+    assert "dvc exp run -S vae.pretrained=false" in message
+    assert "HF_HUB_OFFLINE=1" in message
+    assert f"{SD_REPO}@{COMMIT[:12]} config.json" in message and "diffusion_pytorch_model.safetensors" in message
+    assert not (tmp_path / "pretrained").exists()
+
+
+def test_scratch_records_scratch_without_touching_the_hub(tmp_path, offline):
+    record, notes = fetch_pretrained(as_params(tiny_params(use_maisi=True)).vae, tmp_path / "p", tmp_path / "none")
+    assert record == {"source": "scratch", "codec": "maisi"} and notes == []
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [SOURCE_JSON]
+
+
+def _run_stage(cwd: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, **SINGLE_THREAD_ENV, **env_extra}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "fetch_weights.py")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_stage_offline_uses_cache_and_never_prints_the_token(tmp_path):
+    cache = tmp_path / "hf"
+    hashes = add_to_hf_cache(cache, MAISI_REPO, COMMIT, {MAISI_FILE: _torch_bytes(_maisi_state_dict())})
+    write_params(tmp_path, _maisi_params(hashes[MAISI_FILE]))
+    secret = "hf_thisIsNotARealTokenButMustNotLeak"
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": secret}
+
+    ok = _run_stage(tmp_path, env)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "models" / "pretrained" / MAISI_WEIGHTS).is_file()
+
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    failed = _run_stage(tmp_path, env)
+    assert failed.returncode == 1
+    assert "dvc exp run -S vae.pretrained=false" in failed.stderr
+    assert failed.stderr.count("\n") <= 2  # one message, no traceback
+    assert secret not in ok.stdout + ok.stderr + failed.stdout + failed.stderr
+
+
+def test_stage_with_unreachable_hub_fails_fast(tmp_path):
+    write_params(tmp_path, tiny_params(use_maisi=True, pretrained=True, **{"hub_timeout_s": 2.0}))
+    # Port 9 (discard) on localhost is closed: connections are refused, as behind a firewall that rejects.
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "empty")}
+    started = time.perf_counter()
+    failed = _run_stage(tmp_path, env)
+    elapsed = time.perf_counter() - started
+    assert failed.returncode == 1
+    assert "unreachable" in failed.stderr and "vae.pretrained=false" in failed.stderr
+    assert elapsed < 30  # interpreter + torch import included; huggingface_hub's own retries take 20 s more
+    assert not (tmp_path / "models" / "pretrained").exists()

@@ -1,0 +1,138 @@
+"""The SD and MAISI latent codecs: shapes on odd sizes, intensity mapping, tiling, strict manifest loading."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from vae_helpers import (  # single_torch_thread is a fixture
+    as_params,
+    single_torch_thread,  # noqa: F401
+    synthetic_ct,
+    tiny_params,
+)
+
+from ctdiff.vae.load import (
+    MANIFEST_JSON,
+    WeightsError,
+    load_codec,
+    new_codec,
+    save_weights,
+    scratch_config,
+    write_manifest,
+)
+from ctdiff.vae.maisi import MaisiCodec
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def _codec(use_maisi: bool, **overrides):
+    vae = as_params(tiny_params(use_maisi, **overrides)).vae
+    torch.manual_seed(0)
+    return new_codec(vae, scratch_config(vae)), vae
+
+
+@pytest.mark.parametrize(
+    ("use_maisi", "shape", "latent_shape", "downsample"),
+    [(True, (13, 21, 19), (4, 4, 6, 5), (4, 4, 4)), (False, (5, 21, 19), (4, 5, 3, 3), (1, 8, 8))],
+    ids=["maisi", "sd"],
+)
+def test_round_trip_of_odd_sizes_keeps_the_shape(use_maisi, shape, latent_shape, downsample):
+    codec, _ = _codec(use_maisi)
+    hu = torch.from_numpy(synthetic_ct(shape, 0))[None, None]
+    assert codec.downsample == downsample
+    assert codec.latent_shape(shape) == latent_shape
+    latent = codec.encode_hu(hu)
+    assert tuple(latent.shape) == (1, *latent_shape)
+    mean, std = codec.encode_posterior_hu(hu)
+    torch.testing.assert_close(mean, latent)
+    assert std.shape == mean.shape and (std > 0).all()
+    recon_x01, z_mu, z_sigma = codec.reconstruct_train(codec.pad(codec.hu_to_x01(hu)))
+    assert z_mu.shape == z_sigma.shape == latent.shape and recon_x01.requires_grad
+    recon = codec.decode_hu(latent, shape)
+    assert tuple(recon.shape) == (1, 1, *shape)
+    assert recon.dtype == torch.float32 and recon.min() >= -1000.0 and recon.max() <= 1000.0
+    assert codec.decode_hu(latent).shape[2:] == tuple(s * f for s, f in zip(latent_shape[1:], downsample))
+
+
+def test_sd_latent_holds_one_slice_per_input_slice():
+    codec, _ = _codec(False)
+    hu = torch.from_numpy(synthetic_ct((6, 16, 16), 0))[None, None]
+    whole = codec.encode_hu(hu)
+    for k in (0, 5):  # slices are independent: one slice alone encodes to the same latent slice
+        alone = codec.encode_hu(hu[:, :, k : k + 1])
+        torch.testing.assert_close(alone[:, :, 0], whole[:, :, k], rtol=1e-4, atol=1e-5)
+
+
+def test_intensity_mapping_round_trips_inside_the_range():
+    codec, _ = _codec(True)
+    hu = torch.tensor([-1500.0, -1000.0, -250.0, 0.0, 999.0, 3000.0])
+    x01 = codec.hu_to_x01(hu)
+    assert x01.tolist() == pytest.approx([0.0, 0.0, 0.375, 0.5, 0.9995, 1.0])
+    assert codec.x01_to_hu(x01).tolist() == pytest.approx([-1000.0, -1000.0, -250.0, 0.0, 999.0, 1000.0])
+    assert codec.compression_ratio((16, 16, 16)) == 16.0
+
+
+def _untiled_twin(codec: MaisiCodec, vae) -> MaisiCodec:
+    twin = MaisiCodec(codec.config, vae.hu_range, tile=(128, 128, 128), overlap=vae.maisi.overlap)
+    twin.module.load_state_dict(codec.module.state_dict())
+    return twin
+
+
+def test_tiles_stitch_exactly_onto_latent_voxels():
+    # With a purely local encoder (4x4x4 mean) and decoder (nearest 4x upsampling) every tile computes
+    # exactly what the whole volume would, so tiled == untiled shows the windows sit on latent voxels
+    # and are blended and cropped back correctly.
+    codec, vae = _codec(True, **{"maisi.tile": [16, 16, 16]})
+    twin = _untiled_twin(codec, vae)
+    for c in (codec, twin):
+        c.module.encode = lambda x: (F.avg_pool3d(x, 4), F.max_pool3d(x, 4))  # (mean, "std")
+        c.module.decode = lambda z: F.interpolate(z, scale_factor=4, mode="nearest")
+    hu = torch.from_numpy(synthetic_ct((45, 50, 47), 1))[None, None]
+    latent, std = twin.encode_posterior_hu(hu)
+    for tiled, whole in zip(codec.encode_posterior_hu(hu), (latent, std)):
+        torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(codec.decode_hu(latent, hu.shape[2:]), twin.decode_hu(latent, hu.shape[2:]),
+                               rtol=0, atol=1e-2)
+
+
+def test_tiled_and_untiled_maisi_agree_on_a_volume_larger_than_the_tile():
+    # The real network: tiles see their own group-norm statistics and a cut receptive field, so results
+    # differ; a random-weight network is the most sensitive case, hence correlation bounds.
+    codec, vae = _codec(True, **{"maisi.tile": [32, 32, 32]})
+    twin = _untiled_twin(codec, vae)
+    hu = torch.from_numpy(synthetic_ct((34, 37, 18), 1))[None, None]  # 2 x 2 x 1 tiles
+    latent_tiled, latent = codec.encode_hu(hu), twin.encode_hu(hu)
+    assert np.corrcoef(latent_tiled.flatten(), latent.flatten())[0, 1] > 0.95
+    recon_tiled, recon = codec.decode_hu(latent, hu.shape[2:]), twin.decode_hu(latent, hu.shape[2:])
+    assert np.corrcoef(recon_tiled.flatten(), recon.flatten())[0, 1] > 0.85
+
+
+def test_tiles_that_do_not_start_on_latent_voxels_are_rejected():
+    vae = as_params(tiny_params(True, **{"maisi.tile": [16, 16, 16], "maisi.overlap": 0.4})).vae
+    with pytest.raises(ValueError, match="multiple of 4"):
+        new_codec(vae, scratch_config(vae))
+
+
+@pytest.mark.parametrize("use_maisi", [True, False], ids=["maisi", "sd"])
+def test_manifest_round_trip_is_verified_and_strict(tmp_path, use_maisi):
+    codec, vae = _codec(use_maisi)
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    files = save_weights(codec, vae_dir)
+    write_manifest(vae_dir, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]}, 0.5)
+
+    loaded, manifest = load_codec(vae_dir, vae)
+    assert loaded.scale_factor == 0.5 and manifest["weights"]["source"] == "scratch"
+    hu = torch.from_numpy(synthetic_ct((8, 16, 16), 0))[None, None]
+    torch.testing.assert_close(loaded.encode_hu(hu), codec.encode_hu(hu))
+
+    other = as_params(tiny_params(not use_maisi)).vae
+    with pytest.raises(WeightsError, match="rerun vae_fit"):
+        load_codec(vae_dir, other)
+    weights = vae_dir / next(iter(files))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(WeightsError, match="sha256"):
+        load_codec(vae_dir, vae)
+    (vae_dir / MANIFEST_JSON).unlink()
+    with pytest.raises(WeightsError, match="run the vae_fit stage"):
+        load_codec(vae_dir, vae)
