@@ -1,0 +1,305 @@
+"""What training sees of the VAE: posteriors, their cache, and patches cut at one place from source and target.
+
+Three parts:
+
+- :class:`VaeAdapter`, the one place training touches ``ctdiff.vae``: loads the codec from
+  ``models/vae``, returns posteriors (mean and std), decodes with gradients for fine-tuning, and says
+  which parameters a fine-tune unfreezes.
+- :class:`LatentCache`: every training volume (source and target) encoded once by the frozen VAE, its
+  posterior kept in memory (and optionally on disk) so a frozen-phase step costs only the UNet.
+- :class:`PatchSampler`: random patches cut at the same place from source and target, in latent space
+  (from the cache) and/or in image space (reconstruction targets, on-the-fly encoding); corners are
+  drawn on the latent grid, so a latent patch and its image patch cover the same voxels.
+
+Shapes: volumes ``(D, H, W)`` int16 HU on disk, ``(B, 1, D, H, W)`` float tensors here; latents
+``(C, d, h, w)`` per case or ``(B, C, d, h, w)`` per batch with ``d, h, w = ceil((D, H, W) / downsample)``.
+Latents here are unscaled (the VAE's own units); the training loop multiplies them by the scale factor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ctdiff.io import atomic_path
+from ctdiff.params import ParamsError, VaeParams
+from ctdiff.vae.base import LatentCodec, kl_divergence
+from ctdiff.vae.data import Case
+from ctdiff.vae.load import load_codec
+
+
+# --------------------------------------------------------------------------------------- posterior
+@dataclass
+class Posterior:
+    """Diagonal Gaussian posterior of a VAE: ``mean`` and ``std`` of the same shape, unscaled latent units."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self) -> torch.Tensor:
+        """A reparameterised draw (differentiable in ``mean`` and ``std``), from the global torch RNG."""
+        return self.mean + self.std * torch.randn_like(self.std)
+
+    def to(self, device: torch.device | str) -> Posterior:
+        return Posterior(self.mean.to(device), self.std.to(device))
+
+
+# ----------------------------------------------------------------------------------------- adapter
+class VaeAdapter:
+    """The codec of ``models/vae`` as training needs it.
+
+    Intensities follow the codec (HU clipped to its ``hu_range``, mapped to [0, 1] = ``x01``). Training
+    code reaches the VAE through this class only, so a change of the codec interface is a change here.
+    """
+
+    def __init__(self, codec: LatentCodec, manifest: dict[str, Any]) -> None:
+        self.codec = codec
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, vae_dir: Path, vae: VaeParams, device: torch.device | str) -> VaeAdapter:
+        codec, manifest = load_codec(vae_dir, vae, device)
+        return cls(codec, manifest)
+
+    # -------------------------------------------------------------------------------------- facts
+    @property
+    def module(self) -> nn.Module:
+        """The underlying MONAI / diffusers autoencoder (fine-tuned in the unfrozen phase)."""
+        return self.codec.module
+
+    @property
+    def downsample(self) -> tuple[int, int, int]:
+        return tuple(self.codec.downsample)  # type: ignore[return-value]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.codec.latent_channels
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["codec"])
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        """Where the weights came from (hub repo/revision/sha256, or scratch), as vae_fit recorded it."""
+        return dict(self.manifest.get("weights", {}))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the VAE weights and of what shapes its latents (architecture, HU range)."""
+        keys = ("codec", "config", "files", "hu_range", "downsample", "latent_channels")
+        return _digest({k: self.manifest.get(k) for k in keys})
+
+    def hu_to_x01(self, hu: torch.Tensor) -> torch.Tensor:
+        return self.codec.hu_to_x01(hu)
+
+    # ------------------------------------------------------------------------------------ encoding
+    def encode_posterior_hu(self, hu: torch.Tensor) -> Posterior:
+        """(B, 1, D, H, W) HU, any size -> posterior (B, C, d, h, w) on ``hu.device``; no grad, eval mode, tiled
+        (MAISI) or sliced (SD) like the codec's ``encode_hu``."""
+        return Posterior(*self.codec.encode_posterior_hu(hu))
+
+    def posterior_x01(self, x01: torch.Tensor) -> Posterior:
+        """Differentiable posterior of a patch (B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample``."""
+        return Posterior(*self.codec.posterior_x01(x01.to(self.codec.device)))
+
+    def decode_x01_train(self, latent: torch.Tensor) -> torch.Tensor:
+        """Differentiable decode of a latent patch (B, C, d, h, w) -> (B, 1, D, H, W) in [0, 1] units, unclamped
+        (a clamp would stop the gradient wherever the decoder overshoots)."""
+        return self.codec.decode_x01(latent.to(self.codec.device))
+
+    def kl(self, posterior: Posterior) -> torch.Tensor:
+        """KL of a (B, C, d, h, w) posterior to N(0, 1), normalised as in vae_fit (summed, mean over B)."""
+        return kl_divergence(posterior.mean, posterior.std)
+
+    @torch.no_grad()
+    def decode_hu(self, latent: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """(B, C, d, h, w) unscaled latent -> (B, 1, D, H, W) HU cropped to ``shape``."""
+        return self.codec.decode_hu(latent, shape)
+
+    # --------------------------------------------------------------------------------- fine-tuning
+    def set_trainable(self, part: Literal["none", "decoder", "full"]) -> list[nn.Parameter]:
+        """Freeze the VAE (``none``: eval mode, no grads) or unfreeze ``decoder`` / ``full``; returns the trainable
+        parameters. ``decoder`` = the decoder and the convolution in front of it (``post_quant_conv``), the
+        same names in MONAI's and diffusers' autoencoders."""
+        self.module.train(part != "none")
+        trainable = []
+        for name, p in self.module.named_parameters():
+            in_decoder = name.startswith(("decoder.", "post_quant_conv."))
+            p.requires_grad_(part == "full" or (part == "decoder" and in_decoder))
+            if p.requires_grad:
+                trainable.append(p)
+        return trainable
+
+
+# --------------------------------------------------------------------------------------------- cache
+@dataclass
+class CachedCase:
+    case_id: str
+    source: Posterior  # (C, d, h, w)
+    target: Posterior
+
+
+class LatentCache:
+    """Posteriors of every training volume under the frozen VAE, in memory (float32).
+
+    With ``cache_dir`` the posteriors are also written there, one file per case, under a folder named by
+    the VAE's and the data's fingerprint, so a resumed run skips the encoding; folders of other
+    fingerprints are removed.
+    """
+
+    def __init__(self, cases: list[CachedCase]) -> None:
+        self.cases = cases
+
+    @classmethod
+    def build(cls, vae: VaeAdapter, cases: Sequence[Case], cache_dir: Path | None = None,
+              progress: bool = True) -> LatentCache:
+        folder = None
+        if cache_dir is not None:
+            folder = cache_dir / _digest([vae.fingerprint, [data_fingerprint(c) for c in cases]])
+            for stale in cache_dir.glob("*"):
+                if stale != folder:
+                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        vae.set_trainable("none")
+        cached = []
+        for case in tqdm(cases, desc="encode train volumes", unit="case", disable=not progress):
+            path = folder / f"{case.case_id}.pt" if folder else None
+            if path is not None and path.is_file():
+                t = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                t = {}
+                for which in ("source", "target"):
+                    hu = torch.from_numpy(np.asarray(case.load(which), dtype=np.float32))[None, None]
+                    post = vae.encode_posterior_hu(hu)
+                    t[f"{which}_mean"], t[f"{which}_std"] = post.mean[0], post.std[0]
+                if path is not None:
+                    with atomic_path(path) as tmp:
+                        torch.save(t, tmp)
+            cached.append(CachedCase(case.case_id, Posterior(t["source_mean"], t["source_std"]),
+                                     Posterior(t["target_mean"], t["target_std"])))
+        return cls(cached)
+
+    def target_std(self) -> float:
+        """Std of latents sampled from the cached target posteriors: sqrt(Var(mean) + E[std^2]) over all."""
+        means = torch.cat([c.target.mean.flatten() for c in self.cases]).double()
+        variances = torch.cat([c.target.std.flatten() for c in self.cases]).double().pow(2)
+        return float((means.var(unbiased=False) + variances.mean()).sqrt())
+
+
+def data_fingerprint(case: Case) -> str:
+    """Identity of a processed case: its meta.json (which carries preprocess's own fingerprint) and tensor sizes."""
+    parts = [(case.folder / "meta.json").read_bytes().decode("utf-8", "replace")]
+    parts += [str((case.folder / f"{w}.npy").stat().st_size) for w in ("source", "target")]
+    return _digest(parts)
+
+
+# ------------------------------------------------------------------------------------------- patches
+def latent_patch_shape(patch: Sequence[int], downsample: Sequence[int], latent_multiple: int,
+                       vae_name: str) -> tuple[int, int, int]:
+    """``train.patch`` (voxels, [D, H, W]) -> its latent size, checked so both the VAE and the UNet divide it."""
+    multiple = [f * latent_multiple for f in downsample]
+    if any(p % m for p, m in zip(patch, multiple)):
+        suggestion = [max(m, round(p / m) * m) for p, m in zip(patch, multiple)]
+        raise ParamsError(
+            f"params.yaml: train.patch {list(patch)} must be a multiple of {multiple} per axis [D, H, W] for the "
+            f"{vae_name} VAE (downsampling {list(downsample)}) and the UNet (latent sizes divisible by "
+            f"{latent_multiple} = 2^(len(train.unet.channels) - 1)); try {suggestion}")
+    return tuple(p // f for p, f in zip(patch, downsample))  # type: ignore[return-value]
+
+
+class PatchSampler:
+    """Random (source, target) patch pairs cut at the same place.
+
+    ``latent_patch`` is (d, h, w) in latent voxels; the image patch is ``latent_patch * downsample``. A
+    corner is drawn uniformly on the latent grid, so the image-space corner is a multiple of the
+    downsampling and the same patch in image space encodes to (up to tile effects) the cached latent patch.
+    Volumes smaller than a patch are edge-padded, as the codec pads volumes to its downsampling.
+    """
+
+    def __init__(self, latent_patch: Sequence[int], downsample: Sequence[int]) -> None:
+        self.latent_patch = tuple(latent_patch)
+        self.downsample = tuple(downsample)
+        self.image_patch = tuple(p * f for p, f in zip(latent_patch, downsample))
+
+    def corners(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], indices: Sequence[int],
+                rng: np.random.Generator) -> list[tuple[int, int, int]]:
+        """One random patch corner (latent voxels) per item, uniform over the latent grid of volume ``i``."""
+        out = []
+        for i in indices:
+            grid = [math.ceil(s / f) for s, f in zip(volumes[i][1].shape, self.downsample)]
+            out.append(self.corner(grid, rng))
+        return out
+
+    def corner(self, latent_grid: Sequence[int], rng: np.random.Generator) -> tuple[int, int, int]:
+        """A random corner (latent voxels) of a patch inside a latent grid (d, h, w)."""
+        return tuple(int(rng.integers(0, max(g - p, 0) + 1)) for g, p in zip(latent_grid, self.latent_patch))
+
+    def latent_batch(self, cache: LatentCache, indices: Sequence[int], corners: Sequence[Sequence[int]]
+                     ) -> tuple[Posterior, Posterior]:
+        """Posterior patches (B, C, d, h, w) of source and target of cached cases ``indices`` at ``corners``."""
+        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        for i, corner in zip(indices, corners):
+            case = cache.cases[i]
+            for bucket, t in zip(parts, (case.source.mean, case.source.std, case.target.mean, case.target.std)):
+                bucket.append(cut_patch(t, corner, self.latent_patch))
+        src_mean, src_std, tgt_mean, tgt_std = (torch.stack(b) for b in parts)
+        return Posterior(src_mean, src_std), Posterior(tgt_mean, tgt_std)
+
+    def image_batch(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], indices: Sequence[int],
+                    corners: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """HU patches (B, 1, D, H, W) float32 of source and target at latent ``corners`` x downsampling, from
+        (D, H, W) volumes (memory-mapped is fine)."""
+        src, tgt = [], []
+        for i, corner in zip(indices, corners):
+            origin = [c * f for c, f in zip(corner, self.downsample)]
+            for out, volume in ((src, volumes[i][0]), (tgt, volumes[i][1])):
+                out.append(torch.from_numpy(np.asarray(cut_patch(volume, origin, self.image_patch), dtype=np.float32)))
+        return torch.stack(src)[:, None], torch.stack(tgt)[:, None]
+
+
+def cut_patch(x: Any, corner: Sequence[int], size: Sequence[int]) -> Any:
+    """``x[..., c:c+s]`` over the last three axes, edge-padded at the far end where it runs out.
+
+    ``x`` is a numpy array (int16 HU volume, possibly memory-mapped) or a torch tensor (latent).
+    """
+    window = x[(..., *(slice(c, c + s) for c, s in zip(corner, size)))]
+    short = [s - w for s, w in zip(size, window.shape[-3:])]
+    if not any(short):
+        return window
+    if isinstance(window, np.ndarray):
+        return np.pad(window, [(0, 0)] * (window.ndim - 3) + [(0, n) for n in short], mode="edge")
+    lead = window.shape[:-3]
+    padded = F.pad(window.reshape(1, -1, *window.shape[-3:]), (0, short[2], 0, short[1], 0, short[0]),
+                   mode="replicate")
+    return padded.reshape(*lead, *size)
+
+
+def epoch_order(n_cases: int, per_volume: int, seed: int, epoch: int) -> np.ndarray:
+    """Case indices of one epoch, each case ``per_volume`` times, shuffled the same way on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(np.repeat(np.arange(n_cases), per_volume))
+
+
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> Iterator[list[int]]:
+    """This rank's batches (``DistributedSampler``-style: every ``world_size``-th item from ``rank``), padded by
+    wrapping so every rank runs the same number of steps."""
+    per_rank = math.ceil(len(order) / (world_size * batch_size)) * batch_size
+    padded = np.resize(order, per_rank * world_size)
+    mine = padded[rank::world_size]
+    for start in range(0, per_rank, batch_size):
+        yield [int(i) for i in mine[start:start + batch_size]]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

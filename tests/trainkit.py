@@ -1,0 +1,99 @@
+"""Tiny, real inputs for the train-stage tests: processed cases on disk and a small VAE in ``models/vae`` form.
+
+The processed folders follow the DESIGN.md contract (int16 HU ``source.npy``/``target.npy``, ``meta.json``
+with ``split`` and ``grid``, ``splits.json``). The VAE is built with the VAE package's own constructors
+(``new_codec`` at a small width) and written with its own ``save_weights``/``write_manifest``, so the train
+stage loads it exactly as it loads vae_fit's output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.transforms import GaussianSmooth
+
+from ctdiff.io import atomic_dir
+from ctdiff.params import Params, params_from_dict
+from ctdiff.vae.load import new_codec, save_weights, scratch_config, write_manifest
+
+SHAPE = (16, 32, 32)  # (D, H, W) voxels
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run fastest on one thread; on shared cores, more threads mostly spin and wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_params(use_maisi: bool = False, **train: Any) -> Params:
+    """Params for a seconds-long CPU run: a 2-level UNet of width 8 and a VAE of width 8."""
+    train_defaults: dict[str, Any] = {
+        "epochs": 2, "vae_freeze_epochs": 1, "patch": [8, 16, 16], "batch_size": 2, "patches_per_volume": 2,
+        "lr": 1e-3, "warmup_steps": 2, "val_patches_per_volume": 2, "checkpoint_every": 2,
+        "unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
+                 "norm_num_groups": 8, "num_head_channels": 8},
+    }
+    train_defaults.update(train)
+    return params_from_dict({
+        "seed": 0,
+        "vae": {"use_maisi": use_maisi, "pretrained": False, "latent_channels": 2,
+                "maisi": {"scratch": {"num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8}},
+                "sd": {"scratch": {"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 8}}},
+        "train": train_defaults,
+    })
+
+
+def write_processed(root: Path, n_train: int = 3, n_val: int = 1, n_test: int = 1, shape=SHAPE,
+                    seed: int = 0) -> Path:
+    """Synthetic paired cases under ``root``: a smooth HU field (target) and its slab average (source)."""
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    names = [("train", n_train), ("val", n_val), ("test", n_test)]
+    i = 0
+    for split, n in names:
+        for _ in range(n):
+            case_id = f"case_{i:03d}"
+            i += 1
+            field = GaussianSmooth(sigma=2.0)(torch.from_numpy(rng.normal(size=(1, *shape))).float())
+            target = (field / field.std() * 400.0 - 300.0).clamp(-1024, 1500)
+            # a thick-slice version of the same anatomy: a 5-slice running mean along z
+            source = F.avg_pool3d(target[None], (5, 1, 1), stride=1, padding=(2, 0, 0), count_include_pad=False)[0]
+            target, source = target[0].numpy(), source[0].numpy()
+            folder = root / case_id
+            folder.mkdir(parents=True)
+            np.save(folder / "target.npy", target.astype(np.int16))
+            np.save(folder / "source.npy", source.astype(np.int16))
+            meta = {"case_id": case_id, "category": "APE", "split": split,
+                    "grid": {"shape": list(shape), "spacing": [5.0, 5.0, 1.0], "origin": [0.0, 0.0, 0.0],
+                             "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}}
+            (folder / "meta.json").write_text(json.dumps(meta))
+            splits[split].append(case_id)
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+def write_vae(vae_dir: Path, params: Params, seed: int = 0) -> Path:
+    """A randomly initialised small codec of ``params.vae``'s family, saved as vae_fit saves its output."""
+    torch.manual_seed(seed)
+    codec = new_codec(params.vae, scratch_config(params.vae))
+    with atomic_dir(vae_dir) as tmp:
+        files = save_weights(codec, tmp)
+        write_manifest(tmp, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]}, 1.0)
+    return vae_dir
+
+
+def workspace(tmp_path: Path, params: Params) -> dict[str, Path]:
+    """processed data + models/vae under ``tmp_path``; the paths :func:`ctdiff.train.train` takes."""
+    processed = write_processed(tmp_path / "data" / "processed")
+    vae_dir = write_vae(tmp_path / "models" / "vae", params)
+    return {"processed_dir": processed, "vae_dir": vae_dir, "ckpt_dir": tmp_path / "models" / "checkpoints",
+            "live_dir": tmp_path / "dvclive" / "train"}
