@@ -155,10 +155,10 @@ class MaisiParams:
     hub: MaisiHubParams = field(default_factory=MaisiHubParams)
     arch: MaisiArchParams = field(default_factory=MaisiArchParams)  # released config: the hub weights match it
     scratch: MaisiArchParams = field(
-        default_factory=lambda: MaisiArchParams(num_channels=(16, 32, 64), num_res_blocks=(1, 1, 1), norm_num_groups=8)
+        default_factory=lambda: MaisiArchParams(num_channels=(8, 16, 32), num_res_blocks=(1, 1, 1), norm_num_groups=4)
     )
-    patch: tuple[int, int, int] = (32, 64, 64)  # vae_fit random crop [D, H, W]
-    tile: tuple[int, int, int] = (64, 64, 64)  # sliding-window tile [D, H, W] (multiples of 16); bigger = untiled
+    patch: tuple[int, int, int] = (16, 32, 32)  # vae_fit random crop [D, H, W]
+    tile: tuple[int, int, int] = (16, 32, 32)  # sliding-window tile [D, H, W] (multiples of 16); bigger = untiled
     overlap: float = 0.25
     num_splits: int = 1  # AutoencoderKlMaisi splits every conv input into this many pieces; 1 = no split
     dim_split: int = 1
@@ -166,7 +166,8 @@ class MaisiParams:
     def __post_init__(self) -> None:
         _require(all(t > 0 and t % 16 == 0 for t in self.tile), "vae.maisi.tile", "sizes must be multiples of 16")
         _require(0.0 <= self.overlap < 1.0, "vae.maisi.overlap", "must be in [0, 1)")
-        _require(all(p > 0 for p in self.patch), "vae.maisi.patch", "sizes must be > 0")
+        _require(all(0 < p <= t for p, t in zip(self.patch, self.tile)), "vae.maisi.patch",
+                 "sizes must be > 0 and fit in vae.maisi.tile (a training patch is never tiled)")
         _require(self.num_splits >= 1, "vae.maisi.num_splits", "must be >= 1")
         _require(self.dim_split in (0, 1, 2), "vae.maisi.dim_split", "must be 0, 1 or 2")
 
@@ -189,7 +190,7 @@ class SdArchParams:
 class SdParams:
     hub: SdHubParams = field(default_factory=SdHubParams)
     scratch: SdArchParams = field(default_factory=SdArchParams)
-    patch: tuple[int, int, int] = (8, 64, 64)  # vae_fit random crop [slices, H, W]
+    patch: tuple[int, int, int] = (8, 32, 32)  # vae_fit random crop [slices, H, W]
     slice_batch: int = 16  # axial slices per encoder/decoder call
 
     def __post_init__(self) -> None:
@@ -205,12 +206,12 @@ class VaeParams:
     latent_channels: int = 4  # MAISI and scratch architectures; pretrained SD reads it from its config
     finetune_epochs: int = 0  # pretrained: epochs of domain fine-tuning (0 = use as downloaded)
     finetune_lr: float = 1.0e-5
-    scratch_epochs: int = 30
-    scratch_lr: float = 2.0e-3
+    scratch_epochs: int = 20
+    scratch_lr: float = 4.0e-3
     patches_per_volume: int = 4  # random crops per training volume (source and target) per epoch
-    batch_size: int = 2
+    batch_size: int = 4
     kl_weight: float = 1.0e-6
-    scale_cases: int = 0  # training targets encoded for the latent scale factor (0 = all)
+    scale_cases: int = 4  # training targets encoded for the latent scale factor (0 = all)
     hub_timeout_s: float = 5.0  # reachability check before a download; offline fails this fast
     maisi: MaisiParams = field(default_factory=MaisiParams)
     sd: SdParams = field(default_factory=SdParams)
@@ -272,15 +273,15 @@ class UnetParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 12
-    vae_freeze_epochs: int = 8  # epochs [0, vae_freeze_epochs) frozen VAE on cached latents; then fine-tuned
+    epochs: int = 40
+    vae_freeze_epochs: int = 38  # epochs [0, vae_freeze_epochs) frozen VAE on cached latents; then fine-tuned
     vae_finetune: Literal["decoder", "full"] = "decoder"
     vae_lr: float = 1.0e-5
     vae_recon_weight: float = 1.0  # weight of (L1 in [0, 1] + vae_kl_weight * KL) on the target patch
     vae_kl_weight: float = 1.0e-6  # KL summed over latent elements, as in vae_fit
     patch: tuple[int, int, int] = (16, 64, 64)  # voxels [D, H, W]; multiples of VAE downsampling x UNet multiple
     batch_size: int = 4  # patches per optimizer step (per process under torchrun)
-    patches_per_volume: int = 16  # random patches per training volume per epoch
+    patches_per_volume: int = 4  # random patches per training volume per epoch
     lr: float = 1.0e-3
     lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio over all steps
     warmup_steps: int = 20
@@ -316,6 +317,23 @@ class TrainParams:
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 
+# ------------------------------------------------------------------------------------------ evaluate
+@dataclass(frozen=True)
+class EvaluateParams:
+    steps: int = 50  # DDIM (ddpm-trained) or rectified-flow steps per sampled volume
+    max_cases: int = 0  # 0 = every case of the test split
+    overlap: float = 0.25  # latent windows overlap when a volume exceeds the training patch
+    bspline_baseline: bool = True  # also report series 1 B-spline-interpolated onto series 2's grid
+    window_hu: tuple[float, float] = (-250.0, 450.0)  # display window of the PNG panels (CTPA: L 100, W 700)
+    nifti: bool = True  # write predictions as .nii.gz under data/predictions/
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "evaluate.steps", "must be >= 1")
+        _require(self.max_cases >= 0, "evaluate.max_cases", "must be >= 0 (0 = all)")
+        _require(0.0 <= self.overlap < 1.0, "evaluate.overlap", "must be in [0, 1)")
+        _require(self.window_hu[0] < self.window_hu[1], "evaluate.window_hu", "must be [low, high]")
+
+
 # ------------------------------------------------------------------------------------------- all
 @dataclass(frozen=True)
 class Params:
@@ -325,6 +343,7 @@ class Params:
     vae: VaeParams = field(default_factory=VaeParams)
     vae_check: VaeCheckParams = field(default_factory=VaeCheckParams)
     train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")

@@ -1,0 +1,221 @@
+"""The evaluate stage: the trained model against the honest baselines, on the test split.
+
+For every test case (``data/processed``, never seen by vae_fit's training or the train stage):
+
+- ``model``: series 2 sampled from series 1 (DDIM for a DDPM-trained model, Euler steps for rectified
+  flow; fixed seed), decoded to HU. Volumes larger than the training patch are sampled window by window
+  (MONAI ``SlidingWindowInferer`` around the UNet at every step, Gaussian blending), so any size works.
+- ``baseline``: series 1 linearly interpolated onto series 2's grid (``source.npy``, what a reader gets
+  without the model); ``baseline_bspline``: the same with a cubic B-spline, from series 1 as acquired.
+- ``vae_ceiling``: series 2 encoded and decoded by the VAE: the best the latent space allows.
+
+Each gets ``psnr``, ``ssim``, ``mae_hu`` and ``*_body`` (:mod:`ctdiff.metrics`) against series 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from matplotlib.figure import Figure
+from monai.inferers import SlidingWindowInferer
+from torch import nn
+from tqdm import tqdm
+
+from ctdiff.checkpoint import load_checkpoint
+from ctdiff.denoiser import build_unet, crop_latent, pad_latent
+from ctdiff.diffusion import sample, sampling_scheduler
+from ctdiff.grid import Grid, image_from_array, resample, to_int16_hu
+from ctdiff.io import atomic_dir, atomic_write_text
+from ctdiff.latents import VaeAdapter, latent_patch_shape
+from ctdiff.metrics import METRIC_NAMES, atomic_live, mean_metrics, reconstruction_metrics
+from ctdiff.params import Params
+
+CHECKPOINTS = ("best.pt", "last.pt")  # best by val loss; last when no validation improved on the first
+
+
+@dataclass
+class TrainedModel:
+    unet: nn.Module
+    vae: VaeAdapter
+    scale_factor: float
+    latent_patch: tuple[int, int, int]
+    checkpoint: dict[str, Any]  # name, step, epoch
+
+
+class WindowedDenoiser(nn.Module):
+    """The UNet applied over overlapping latent windows of the training patch size, blended.
+
+    Same call signature as ``DiffusionModelUNet``, so MONAI's sampling loop uses it unchanged; the noise
+    is drawn once for the whole volume, so neighbouring windows denoise the same sample.
+    """
+
+    def __init__(self, unet: nn.Module, roi: tuple[int, int, int], overlap: float) -> None:
+        super().__init__()
+        self.unet = unet
+        self.inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=overlap, mode="gaussian")
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inferer(x, self.unet, timesteps=timesteps, context=context)
+
+
+def load_trained_model(params: Params, vae_dir: Path, ckpt_dir: Path, device: torch.device) -> TrainedModel:
+    """The UNet, the VAE (with its fine-tuned weights when training changed them) and the scale factor."""
+    path = next((ckpt_dir / name for name in CHECKPOINTS if (ckpt_dir / name).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (expected one of {CHECKPOINTS}): run the train stage")
+    ckpt = load_checkpoint(path)
+    vae = VaeAdapter.load(vae_dir, params.vae, device)
+    if ckpt.get("codec") not in (None, vae.name):
+        raise ValueError(f"{path} was trained with the {ckpt['codec']} VAE but {vae_dir} holds {vae.name}: "
+                         "rerun the train stage (dvc repro)")
+    if ckpt.get("vae") is not None:
+        vae.module.load_state_dict(ckpt["vae"])
+    vae.set_trainable("none")
+    unet = build_unet(params.train.unet, vae.latent_channels)
+    unet.load_state_dict(ckpt["unet"])
+    unet.to(device).eval()
+    latent_patch = latent_patch_shape(params.train.patch, vae.downsample, params.train.unet.latent_multiple, vae.name)
+    return TrainedModel(unet, vae, float(ckpt["scale_factor"]), tuple(latent_patch),
+                        {"file": path.name, "step": int(ckpt["step"]), "epoch": int(ckpt["epoch"])})
+
+
+@torch.no_grad()
+def predict(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int) -> np.ndarray:
+    """Sample series 2 given series 1 on its grid: (D, H, W) HU in, (D, H, W) float32 HU out."""
+    device = next(model.unet.parameters()).device
+    hu = torch.from_numpy(source_hu.astype(np.float32))[None, None].to(device)
+    # The posterior mean conditions sampling: the deterministic code of series 1.
+    condition = model.vae.encode_posterior_hu(hu).mean * model.scale_factor
+    latent_shape = tuple(condition.shape[2:])
+    condition = pad_latent(condition, params.train.unet)
+    roi = tuple(min(r, s) for r, s in zip(model.latent_patch, condition.shape[2:]))
+    denoiser: nn.Module = model.unet
+    if roi != tuple(condition.shape[2:]):
+        denoiser = WindowedDenoiser(model.unet, roi, params.evaluate.overlap)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    scheduler = sampling_scheduler(params.train, params.evaluate.steps)
+    latent = sample(denoiser, scheduler, condition, generator=generator)
+    latent = crop_latent(latent, latent_shape) / model.scale_factor
+    return model.vae.decode_hu(latent, source_hu.shape)[0, 0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def vae_round_trip(vae: VaeAdapter, hu: np.ndarray) -> np.ndarray:
+    """Encode (posterior mean) and decode series 2: (D, H, W) HU -> (D, H, W) float32 HU."""
+    device = next(vae.module.parameters()).device
+    x = torch.from_numpy(hu.astype(np.float32))[None, None].to(device)
+    return vae.decode_hu(vae.encode_posterior_hu(x).mean, hu.shape)[0, 0].float().cpu().numpy()
+
+
+def panel(columns: list[tuple[str, np.ndarray]], truth_hu: np.ndarray, spacing_mm: tuple[float, ...],
+          window_hu: tuple[float, float], title: str) -> Figure:
+    """Axial and coronal mid-planes of each (label, (D, H, W) HU) column, then |first column - truth| in HU.
+
+    Coronal planes are shown head up (the k axis runs inferior to superior in LPS) with the slice
+    spacing as aspect ratio, so thick slabs look as thick as they are.
+    """
+    sx, sy, sz = spacing_mm
+    d, h, _ = truth_hu.shape
+    error = np.abs(columns[0][1].astype(np.float32) - truth_hu.astype(np.float32))
+    views = [("axial", lambda v: v[d // 2], sy / sx), ("coronal", lambda v: v[::-1, h // 2, :], sz / sx)]
+    shown = [*columns[1:], ("truth", truth_hu)]
+    fig = Figure(figsize=(2.4 * (len(shown) + 2), 5.2))
+    axes = fig.subplots(2, len(shown) + 2, squeeze=False)
+    for row, (view, cut, aspect) in enumerate(views):
+        for col, (label, volume) in enumerate([columns[0], *shown]):
+            axes[row, col].imshow(cut(volume), cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect,
+                                  interpolation="nearest")
+            axes[row, col].set_title(f"{view}: {label}", fontsize=8)
+        image = axes[row, -1].imshow(cut(error), cmap="magma", vmin=0, vmax=200, aspect=aspect, interpolation="nearest")
+        axes[row, -1].set_title(f"|{columns[0][0]} - truth| HU", fontsize=8)
+        fig.colorbar(image, ax=axes[row, -1], fraction=0.046, pad=0.04)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,
+             pred_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Run the stage; returns the summary written to ``live_dir/metrics.json``."""
+    ep = params.evaluate
+    splits = json.loads((processed_dir / "splits.json").read_text())
+    case_ids = sorted(splits["test"])[: ep.max_cases or None]
+    if not case_ids:
+        raise RuntimeError(f"{processed_dir}/splits.json has no test case: nothing to evaluate")
+    device = torch.device("cuda" if torch.cuda.is_available() and params.train.device != "cpu" else "cpu")
+    model = load_trained_model(params, vae_dir, ckpt_dir, device)
+    hu_range = params.vae.hu_range
+    arms = ["model", "baseline", *(["baseline_bspline"] if ep.bspline_baseline else []), "vae_ceiling"]
+    rows: list[dict[str, Any]] = []
+    per_arm: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    seconds: list[float] = []
+    with atomic_live(live_dir) as live, atomic_dir(pred_dir) as preds:
+        for case_id in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
+            case_dir = processed_dir / case_id
+            meta = json.loads((case_dir / "meta.json").read_text())
+            grid = Grid.from_meta(meta["grid"])
+            source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
+            series1 = np.load(case_dir / "series1.npy")
+            grid1 = Grid.from_meta(meta["series1"]["grid"])
+
+            tic = time.perf_counter()
+            predicted = predict(model, params, source, params.seed)
+            seconds.append(time.perf_counter() - tic)
+            volumes = {"model": predicted, "baseline": source.astype(np.float32)}
+            if ep.bspline_baseline:
+                volumes["baseline_bspline"] = resample(series1, grid1, grid, "bspline")
+            volumes["vae_ceiling"] = vae_round_trip(model.vae, target)
+
+            row: dict[str, Any] = {"case_id": case_id, "category": meta["category"], "seconds": seconds[-1]}
+            for arm in arms:
+                metrics = reconstruction_metrics(volumes[arm], target, hu_range)
+                per_arm[arm].append(metrics)
+                row.update({f"{arm}_{name}": value for name, value in metrics.items()})
+            rows.append(row)
+
+            series1_shown = resample(series1, grid1, grid, "nearest")  # thick slabs as acquired
+            fig = panel([("model", predicted), ("series 1", series1_shown), ("baseline", volumes["baseline"])],
+                        target, grid.spacing_mm, ep.window_hu,
+                        f"{case_id} ({meta['category']}): model psnr_body {row['model_psnr_body']:.2f} dB, "
+                        f"baseline {row['baseline_psnr_body']:.2f} dB")
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=90)
+            png = Path(live.plots_dir) / "images" / f"{case_id}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            png.write_bytes(buf.getvalue())
+            if ep.nifti:
+                sitk.WriteImage(image_from_array(to_int16_hu(predicted), grid), str(preds / f"{case_id}.nii.gz"),
+                                useCompression=True)
+
+        summary = {arm: mean_metrics(per_arm[arm]) for arm in arms}
+        for arm, metrics in summary.items():
+            for name in METRIC_NAMES:
+                live.log_metric(f"{arm}/{name}", metrics[name], plot=False)
+        live.log_metric("sampling/seconds_per_volume", float(np.mean(seconds)), plot=False)
+        live.log_metric("cases", len(case_ids), plot=False)
+        live.summary.update({"vae": {"codec": model.vae.name, "weights": model.vae.weights},
+                             "checkpoint": model.checkpoint,
+                             "sampler": {"scheduler": params.train.scheduler, "steps": ep.steps}})
+        write_per_case_csv(Path(live.dir) / "per_case.csv", rows)
+    return json.loads((live_dir / "metrics.json").read_text())
+
+
+def write_per_case_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per case: id, category, sampling seconds, then ``<arm>_<metric>`` columns (a DVC plot)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,109 @@
+"""evaluate: a real (tiny) trained model against the baselines, through the stage's own loading code."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from trainkit import one_thread, tiny_params, workspace  # noqa: F401  (one_thread is a fixture)
+
+from ctdiff.denoiser import build_unet
+from ctdiff.evaluate import WindowedDenoiser, evaluate, load_trained_model, predict
+from ctdiff.grid import Grid
+from ctdiff.metrics import METRIC_NAMES
+from ctdiff.params import params_from_dict, to_dict
+from ctdiff.train import train
+
+
+def with_evaluate(params, **evaluate):
+    raw = to_dict(params)
+    raw["evaluate"] = {**raw["evaluate"], **evaluate}
+    return params_from_dict(raw)
+
+
+def add_series1(processed_dir, slab=4):
+    """series1.npy (thick slabs of the target on their own grid), as preprocess writes it."""
+    for case_dir in processed_dir.iterdir():
+        if not case_dir.is_dir():
+            continue
+        meta = json.loads((case_dir / "meta.json").read_text())
+        target = np.load(case_dir / "target.npy").astype(np.float32)
+        n = target.shape[0] // slab
+        thick = target[: n * slab].reshape(n, slab, *target.shape[1:]).mean(axis=1)
+        grid = Grid.from_meta(meta["grid"])
+        grid1 = Grid(thick.shape, (*grid.spacing_mm[:2], grid.spacing_mm[2] * slab),
+                     tuple(grid.physical_point(((slab - 1) / 2, 0, 0))), grid.direction)
+        np.save(case_dir / "series1.npy", np.rint(thick).astype(np.int16))
+        meta["series1"] = {"grid": grid1.to_meta()}
+        (case_dir / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("evaluate")
+    params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1), steps=3)
+    ws = workspace(tmp, params)
+    add_series1(ws["processed_dir"])
+    train(params, **ws, progress=False)
+    return tmp, params, ws
+
+
+def test_stage_outputs(trained):
+    tmp, params, ws = trained
+    live_dir, pred_dir = tmp / "dvclive" / "evaluate", tmp / "data" / "predictions"
+    metrics = evaluate(params, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], live_dir, pred_dir, progress=False)
+    for arm in ("model", "baseline", "baseline_bspline", "vae_ceiling"):
+        assert set(metrics[arm]) == set(METRIC_NAMES)
+        assert all(np.isfinite(v) for v in metrics[arm].values())
+    assert metrics["sampling"]["seconds_per_volume"] > 0
+    summary = json.loads((live_dir / "metrics.json").read_text())
+    assert summary["vae"]["weights"]["source"] == "scratch"
+    test_ids = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"]
+    with open(live_dir / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == sorted(test_ids)
+    assert float(rows[0]["model_psnr_body"]) == pytest.approx(metrics["model"]["psnr_body"], rel=1e-4)
+    for case_id in test_ids:
+        assert (live_dir / "plots" / "images" / f"{case_id}.png").stat().st_size > 1000
+        # The prediction opens in any NIfTI viewer at the right place in patient space.
+        image = sitk.ReadImage(str(pred_dir / f"{case_id}.nii.gz"))
+        grid = Grid.from_meta(json.loads((ws["processed_dir"] / case_id / "meta.json").read_text())["grid"])
+        assert Grid.of_image(image).shape == grid.shape
+        np.testing.assert_allclose(image.GetSpacing(), grid.spacing_mm, atol=1e-5)
+        np.testing.assert_allclose(image.GetOrigin(), grid.origin_mm, atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), grid.direction, atol=1e-6)
+    # The baseline is series 1 as preprocess interpolated it: its metrics follow from the files alone.
+    case_dir = ws["processed_dir"] / sorted(test_ids)[0]
+    source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
+    clip = np.clip(source, -1000, 1000).astype(float) - np.clip(target, -1000, 1000)
+    assert float(rows[0]["baseline_mae_hu"]) == pytest.approx(np.abs(clip).mean(), rel=1e-3)
+
+
+def test_sampling_is_seeded_and_works_past_the_training_patch(trained, one_thread):  # noqa: F811
+    tmp, params, ws = trained
+    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    # A volume larger than the training patch on every axis, with sizes no multiple of anything.
+    source = np.random.default_rng(0).normal(-200, 300, (21, 45, 38)).astype(np.int16)
+    first = predict(model, params, source, seed=7)
+    assert first.shape == source.shape and np.isfinite(first).all()
+    np.testing.assert_array_equal(first, predict(model, params, source, seed=7))
+    assert not np.array_equal(first, predict(model, params, source, seed=8))
+
+
+def test_windowed_denoiser_is_the_unet_when_one_window_covers_the_volume():
+    params = tiny_params()
+    torch.manual_seed(0)
+    unet = build_unet(params.train.unet, 2).eval()
+    with torch.no_grad():  # MONAI zero-initialises the output convolution: give every weight a value
+        for p in unet.parameters():
+            p.normal_(0, 0.05)
+    x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([10.0])
+    with torch.no_grad():
+        whole = unet(x, timesteps=t)
+        windowed = WindowedDenoiser(unet, (4, 8, 8), overlap=0.25)(x, timesteps=t)
+        tiled = WindowedDenoiser(unet, (4, 4, 4), overlap=0.5)(x, timesteps=t)
+    torch.testing.assert_close(windowed, whole)
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole)

@@ -1,0 +1,104 @@
+"""The users' workflow, end to end, offline: all seven stages under real DVC, the SD arm and the MAISI arm
+as experiments, branches, ``dvc metrics diff`` and the experiment queue (slow).
+
+Sizes are tiny (10 phantom patients of 30 x 32 x 32, VAEs and UNet a few channels wide, two epochs), so
+the numbers mean nothing; the plumbing is what is under test.
+"""
+
+import json
+import time
+
+import pytest
+from dvc_repo import DvcRepo
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "evaluate")
+CONTRACT = {"psnr", "ssim", "mae_hu", "psnr_body", "ssim_body", "mae_hu_body"}
+TINY = {
+    "data.phantom.n_cases": 10,
+    "data.phantom.shape": [30, 32, 32],
+    "data.phantom.pixel_mm": 8.0,
+    "preprocess.workers": 2,
+    "vae.pretrained": False,
+    "vae.latent_channels": 2,
+    "vae.scratch_epochs": 2,
+    "vae.maisi.scratch": {"num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8},
+    "vae.maisi.patch": [16, 16, 16],
+    "vae.sd.scratch": {"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 8},
+    "vae.sd.patch": [4, 32, 32],
+    "vae_check.max_cases": 1,
+    "train.epochs": 2,
+    "train.vae_freeze_epochs": 1,
+    "train.patch": [8, 16, 16],
+    "train.batch_size": 2,
+    "train.patches_per_volume": 2,
+    "train.val_patches_per_volume": 2,
+    "train.unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
+                   "norm_num_groups": 8, "num_head_channels": 8},
+    "evaluate.steps": 3,
+}
+
+
+def ran(output: str) -> set[str]:
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = DvcRepo(tmp_path_factory.mktemp("experiments"), TINY)
+    repo.commit("tiny offline params")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def sd_arm(repo):
+    out = repo.dvc("repro").stdout
+    repo.commit("SD arm results")
+    return out
+
+
+def test_repro_runs_all_seven_stages_and_writes_the_contract_metrics(repo, sd_arm):
+    assert ran(sd_arm) == set(STAGES)
+    for stage in ("vae_check", "evaluate"):
+        metrics = json.loads((repo.root / "dvclive" / stage / "metrics.json").read_text())
+        arms = ("model", "baseline", "vae_ceiling") if stage == "evaluate" else (None,)
+        for arm in arms:
+            assert CONTRACT <= set(metrics[arm] if arm else metrics)
+    evaluate = json.loads((repo.root / "dvclive" / "evaluate" / "metrics.json").read_text())
+    assert evaluate["vae"]["weights"]["source"] == "scratch"
+    assert list((repo.root / "data" / "predictions").glob("*.nii.gz"))
+
+
+def test_noop_repro_does_no_work(repo, sd_arm):
+    start = time.perf_counter()
+    out = repo.dvc("repro").stdout
+    assert ran(out) == set(), out
+    assert time.perf_counter() - start < 30
+
+
+def test_maisi_experiment_reruns_only_what_the_vae_changes(repo, sd_arm):
+    out = repo.dvc("exp", "run", "-n", "maisi-arm", "-S", "vae.use_maisi=true").stdout
+    assert ran(out) == {"fetch_weights", "vae_fit", "vae_check", "train", "evaluate"}, out
+    assert "maisi-arm" in repo.dvc("exp", "show", "--csv").stdout
+    repo.dvc("exp", "branch", "maisi-arm", "maisi")
+    diff = json.loads(repo.dvc("metrics", "diff", "main", "maisi", "--all", "--json").stdout)
+    vae_check = diff["dvclive/vae_check/metrics.json"]
+    evaluate = diff["dvclive/evaluate/metrics.json"]
+    assert {"psnr", "psnr_body", "mae_hu"} <= set(vae_check)
+    assert {"model.psnr_body", "baseline.psnr_body", "vae_ceiling.psnr_body"} <= set(evaluate)
+    assert repo.dvc("plots", "diff", "main", "maisi", "-o", str(repo.root / "plots_out")).returncode == 0
+
+
+def test_queued_experiments_run_from_git_tracked_files(repo, sd_arm):
+    repo.dvc("exp", "run", "--queue", "-n", "fewer-steps", "-S", "evaluate.steps=2")
+    repo.dvc("queue", "start", "-j", "1")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = repo.dvc("queue", "status").stdout
+        if "Success" in status or "Failed" in status:
+            break
+        time.sleep(3)
+    assert "Success" in status, status + repo.dvc("queue", "logs", "fewer-steps", check=False).stdout
+    shown = repo.dvc("exp", "show", "--csv").stdout
+    assert "fewer-steps" in shown
