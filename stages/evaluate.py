@@ -1,7 +1,11 @@
 """evaluate: test split -> dvclive/evaluate/ (model vs baselines vs VAE ceiling), data/predictions/*.nii.gz."""
 
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads: OpenMP threads that sleep instead of spinning while they wait (see stages/train.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ctdiff.evaluate import evaluate
 from ctdiff.params import load_params

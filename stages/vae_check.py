@@ -1,7 +1,11 @@
 """vae_check: models/vae/ + held-out processed volumes -> dvclive/vae_check/ (metrics, per case, images)."""
 
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads: OpenMP threads that sleep instead of spinning while they wait (see stages/train.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

@@ -5,8 +5,12 @@ copied); vae.pretrained=false: the same architecture family trained from scratch
 Either way the latent scale factor (1 / std of training latents) goes into the manifest.
 """
 
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads: OpenMP threads that sleep instead of spinning while they wait (see stages/train.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
