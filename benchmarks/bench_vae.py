@@ -37,7 +37,7 @@ SD_VAE_FT_MSE = {
     "norm_num_groups": 32,
     "sample_size": 256,
 }
-DEFAULT_SIZES = ("16x64x64", "32x96x96")
+DEFAULT_SIZES = ("16x64x64", "48x128x128")
 DEFAULT_TILE = 32
 HU_RANGE = (-1000.0, 1000.0)
 

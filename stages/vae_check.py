@@ -12,6 +12,7 @@ import torch
 from ctdiff.metrics import atomic_live
 from ctdiff.params import load_params
 from ctdiff.vae.check import check_vae
+from ctdiff.vae.data import DataError
 from ctdiff.vae.load import WeightsError
 
 
@@ -21,7 +22,7 @@ def main() -> int:
     try:
         with atomic_live("dvclive/vae_check") as live:
             summary = check_vae(params, Path("data/processed"), Path("models/vae"), live, device)
-    except (WeightsError, FileNotFoundError, RuntimeError) as exc:
+    except (WeightsError, DataError) as exc:
         print(f"vae_check: {exc}", file=sys.stderr)
         return 1
     print(f"vae_check: {summary['codec']} over {summary['n_cases']} case(s): psnr {summary['psnr']:.2f} dB, "

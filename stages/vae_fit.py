@@ -16,6 +16,7 @@ import torch
 
 from ctdiff.metrics import atomic_live
 from ctdiff.params import load_params
+from ctdiff.vae.data import DataError
 from ctdiff.vae.fit import fit_vae
 from ctdiff.vae.load import WeightsError
 
@@ -27,7 +28,7 @@ def main() -> int:
         with atomic_live("dvclive/vae_fit") as live:
             manifest = fit_vae(params, Path("data/processed"), Path("models/pretrained"), Path("models/vae"),
                                live, device)
-    except (WeightsError, FileNotFoundError, RuntimeError) as exc:
+    except (WeightsError, DataError) as exc:
         print(f"vae_fit: {exc}", file=sys.stderr)
         return 1
     print(f"vae_fit: {manifest['codec']} VAE ({manifest['weights']['source']}) -> models/vae, "

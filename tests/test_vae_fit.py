@@ -24,9 +24,9 @@ from vae_helpers import (  # single_torch_thread is a fixture
 
 from ctdiff.metrics import METRIC_NAMES, atomic_live
 from ctdiff.vae.check import check_vae
-from ctdiff.vae.data import split_cases
+from ctdiff.vae.data import DataError, split_cases
 from ctdiff.vae.fit import fit_vae, train_codec
-from ctdiff.vae.load import MAISI_WEIGHTS, fetch_pretrained, load_codec, new_codec, scratch_config
+from ctdiff.vae.load import MAISI_WEIGHTS, WeightsError, fetch_pretrained, load_codec, new_codec, scratch_config
 from ctdiff.vae.maisi import maisi_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_pretrained_without_finetuning_points_at_the_download(tmp_path, monkeypa
     assert codec.scale_factor == manifest["scale_factor"]
 
     scratch = as_params(tiny_params(True, pretrained=False))
-    with pytest.raises(RuntimeError, match="rerun fetch_weights"):
+    with pytest.raises(WeightsError, match="rerun fetch_weights"):
         fit_vae(scratch, processed, models / "pretrained", models / "vae")
 
     raw["vae"]["finetune_epochs"] = 1
@@ -125,3 +125,12 @@ def test_stages_run_offline_from_the_repository_root(tmp_path):
     assert (tmp_path / "models" / "vae" / "manifest.json").is_file()
     assert json.loads((tmp_path / "dvclive" / "vae_check" / "metrics.json").read_text())["codec"] == "sd"
     assert not list((tmp_path / "dvclive").glob(".*"))  # no temporary folders left
+
+
+def test_missing_or_empty_splits_name_the_fix(tmp_path):
+    with pytest.raises(DataError, match="run the preprocess stage"):
+        split_cases(tmp_path, "train")
+    processed = write_processed(tmp_path)
+    assert [c.case_id for c in split_cases(processed, "train", max_cases=2)] == ["case_000", "case_001"]
+    with pytest.raises(DataError, match="no 'test' cases"):
+        split_cases(processed, "test")

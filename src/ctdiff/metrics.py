@@ -46,6 +46,12 @@ def to_x01(hu: ArrayLike, hu_range: Sequence[float]) -> torch.Tensor:
     return ((torch.as_tensor(hu).float() - low) / (high - low)).clamp(0.0, 1.0)
 
 
+def to_hu(x01: torch.Tensor, hu_range: Sequence[float]) -> torch.Tensor:
+    """[0, 1] (clipped first) -> HU over ``hu_range``; inverse of :func:`to_x01` inside the range."""
+    low, high = float(hu_range[0]), float(hu_range[1])
+    return x01.clamp(0.0, 1.0) * (high - low) + low
+
+
 def body_mask(hu: ArrayLike, threshold_hu: float = BODY_THRESHOLD_HU,
               closing_voxels: int = BODY_CLOSING_VOXELS) -> torch.Tensor:
     """(D, H, W) HU -> (D, H, W) bool: voxels above ``threshold_hu`` after a binary closing.
@@ -99,8 +105,7 @@ def reconstruction_metrics(pred_hu: ArrayLike, ref_hu: ArrayLike, hu_range: Sequ
     if pred01.shape != ref01.shape or pred01.ndim != 3:
         raise ValueError(f"expected two (D, H, W) volumes of one shape, got {tuple(pred01.shape)} "
                          f"and {tuple(ref01.shape)}")
-    low, high = float(hu_range[0]), float(hu_range[1])
-    pred_clipped, ref_clipped = pred01 * (high - low) + low, ref01 * (high - low) + low
+    pred_clipped, ref_clipped = to_hu(pred01, hu_range), to_hu(ref01, hu_range)
     mask = body_mask(ref_hu)
     return {
         "psnr": psnr(pred01, ref01),

@@ -158,7 +158,7 @@ class MaisiParams:
         default_factory=lambda: MaisiArchParams(num_channels=(8, 16, 32), num_res_blocks=(1, 1, 1), norm_num_groups=4)
     )
     patch: tuple[int, int, int] = (16, 32, 32)  # vae_fit random crop [D, H, W]
-    tile: tuple[int, int, int] = (16, 32, 32)  # sliding-window tile [D, H, W] (multiples of 16); bigger = untiled
+    tile: tuple[int, int, int] = (64, 64, 64)  # sliding-window tile [D, H, W] (multiples of 16); bigger = untiled
     overlap: float = 0.25
     num_splits: int = 1  # AutoencoderKlMaisi splits every conv input into this many pieces; 1 = no split
     dim_split: int = 1

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctdiff.metrics import to_hu, to_x01
+
 
 class LatentCodec(ABC):
     """A VAE behind one interface. Subclasses wrap a MONAI or diffusers module (``self.module``)."""
@@ -45,14 +47,12 @@ class LatentCodec(ABC):
 
     # ------------------------------------------------------------------------------------- intensities
     def hu_to_x01(self, hu: torch.Tensor) -> torch.Tensor:
-        """HU -> [0, 1] over ``hu_range`` (clipped)."""
-        low, high = self.hu_range
-        return ((hu.float() - low) / (high - low)).clamp(0.0, 1.0)
+        """HU -> [0, 1] over ``hu_range`` (clipped): the mapping the metrics use too."""
+        return to_x01(hu, self.hu_range)
 
     def x01_to_hu(self, x01: torch.Tensor) -> torch.Tensor:
         """[0, 1] -> HU over ``hu_range`` (input clipped to [0, 1] first)."""
-        low, high = self.hu_range
-        return x01.clamp(0.0, 1.0) * (high - low) + low
+        return to_hu(x01, self.hu_range)
 
     # ------------------------------------------------------------------------------------------ shapes
     def latent_shape(self, volume_shape: Sequence[int]) -> tuple[int, int, int, int]:

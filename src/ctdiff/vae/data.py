@@ -10,6 +10,10 @@ from typing import Literal
 import numpy as np
 
 
+class DataError(RuntimeError):
+    """The processed data lacks what a VAE stage needs (run preprocess, or change the split params)."""
+
+
 @dataclass(frozen=True)
 class Case:
     """One processed case: ``<processed>/<case_id>/{source,target}.npy`` (int16 HU, (D, H, W)) + meta.json."""
@@ -24,11 +28,14 @@ class Case:
 
 
 def split_cases(processed_dir: Path, split: str, max_cases: int = 0) -> list[Case]:
-    """Cases of ``split`` in splits.json order (the first ``max_cases`` when > 0)."""
+    """Cases of ``split`` in splits.json order (the first ``max_cases`` when > 0); raises :class:`DataError`
+    when there are none."""
     splits_path = processed_dir / "splits.json"
     if not splits_path.is_file():
-        raise FileNotFoundError(f"{splits_path} not found: run the preprocess stage first (dvc repro preprocess)")
+        raise DataError(f"{splits_path} not found: run the preprocess stage first (dvc repro preprocess)")
     case_ids = json.loads(splits_path.read_text()).get(split, [])
+    if not case_ids:
+        raise DataError(f"{splits_path} has no '{split}' cases (check preprocess.split and the number of cases)")
     if max_cases:
         case_ids = case_ids[:max_cases]
     cases = []

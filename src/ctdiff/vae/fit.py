@@ -28,6 +28,7 @@ from ctdiff.params import Params
 from ctdiff.vae.base import LatentCodec, kl_divergence
 from ctdiff.vae.data import Case, split_cases
 from ctdiff.vae.load import (
+    WeightsError,
     codec_config,
     new_codec,
     pretrained_codec,
@@ -87,8 +88,7 @@ def train_codec(codec: LatentCodec, cases: Sequence[Case], patch: Sequence[int],
             schedule.step()
             for key, value in (("loss", loss), ("l1", l1), ("kl", kl)):
                 sums[key] += float(value.detach())
-        n_steps = math.ceil(len(order) / batch_size)
-        history.append({key: value / n_steps for key, value in sums.items()})
+        history.append({key: value / steps_per_epoch for key, value in sums.items()})
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
     codec.module.eval()
@@ -102,7 +102,7 @@ def latent_scale_factor(codec: LatentCodec, cases: Sequence[Case]) -> tuple[floa
                for case in tqdm(cases, desc="latent scale", unit="volume")]
     std = float(torch.cat(latents).std())
     if not math.isfinite(std) or std <= 0:
-        raise RuntimeError(f"latent std is {std}: the VAE collapsed or diverged; check vae.* learning rates")
+        raise WeightsError(f"latent std is {std}: the VAE collapsed or diverged; check vae.* learning rates")
     return 1.0 / std, std
 
 
@@ -118,7 +118,7 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
     vae = params.vae
     source = read_source(pretrained_dir)
     if (source["source"] == "scratch") == vae.pretrained or source.get("codec") != vae.codec:
-        raise RuntimeError(f"{pretrained_dir} holds {source['source']} {source.get('codec')} weights but params "
+        raise WeightsError(f"{pretrained_dir} holds {source['source']} {source.get('codec')} weights but params "
                            f"select vae.pretrained={str(vae.pretrained).lower()} {vae.codec}: rerun "
                            f"fetch_weights (dvc repro)")
     if vae.pretrained:
@@ -134,8 +134,6 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         weights = {"source": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
 
     train = split_cases(processed_dir, "train")
-    if not train:
-        raise RuntimeError(f"{processed_dir}/splits.json has no training cases")
     patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
     started = time.perf_counter()
     history = train_codec(codec, train, patch, epochs, lr, vae.patches_per_volume, vae.batch_size,
