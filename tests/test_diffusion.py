@@ -3,13 +3,13 @@
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
-from trainkit import one_thread  # noqa: F401  (fixture)
+from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.denoiser import build_unet, crop_latent, pad_latent
 from ctdiff.diffusion import diffusion_loss, regression_target, sample, sampling_scheduler, training_scheduler
 from ctdiff.params import TrainParams, UnetParams
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 UNET = UnetParams(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
 LATENT_CH = 2

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from trainkit import one_thread, tiny_params, workspace  # noqa: F401  (one_thread is a fixture)
+from trainkit import tiny_params, workspace
+from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.denoiser import build_unet
 from ctdiff.evaluate import WindowedDenoiser, evaluate, load_trained_model, predict
@@ -82,7 +83,7 @@ def test_stage_outputs(trained):
     assert float(rows[0]["baseline_mae_hu"]) == pytest.approx(np.abs(clip).mean(), rel=1e-3)
 
 
-def test_sampling_is_seeded_and_works_past_the_training_patch(trained, one_thread):  # noqa: F811
+def test_sampling_is_seeded_and_works_past_the_training_patch(trained, single_torch_thread):  # noqa: F811
     tmp, params, ws = trained
     model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
     # A volume larger than the training patch on every axis, with sizes no multiple of anything.

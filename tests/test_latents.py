@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from trainkit import one_thread, tiny_params, write_processed, write_vae  # noqa: F401  (one_thread: fixture)
+from trainkit import tiny_params, write_processed, write_vae
+from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.latents import (
     LatentCache,
@@ -17,7 +18,7 @@ from ctdiff.latents import (
 from ctdiff.params import ParamsError
 from ctdiff.vae.data import split_cases
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(params=[False, True], ids=["sd", "maisi"])

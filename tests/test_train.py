@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from trainkit import one_thread, tiny_params, workspace  # noqa: F401  (one_thread: fixture)
+from trainkit import tiny_params, workspace
+from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.checkpoint import load_checkpoint
 from ctdiff.denoiser import build_unet
@@ -23,7 +24,7 @@ from ctdiff.params import to_dict
 from ctdiff.train import TrainingDiverged, train
 from ctdiff.vae.load import read_maisi_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from monai.transforms import GaussianSmooth
@@ -23,15 +22,6 @@ from ctdiff.params import Params, params_from_dict
 from ctdiff.vae.load import new_codec, save_weights, scratch_config, write_manifest
 
 SHAPE = (16, 32, 32)  # (D, H, W) voxels
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors run fastest on one thread; on shared cores, more threads mostly spin and wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_params(use_maisi: bool = False, **train: Any) -> Params:
