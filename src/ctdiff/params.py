@@ -288,9 +288,8 @@ class TrainParams:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     scheduler: Literal["ddpm", "rflow"] = "ddpm"  # training noise process; sampling: DDIM for ddpm, RFlow for rflow
-    prediction: Literal["epsilon", "v"] = "epsilon"  # ddpm only; rflow always predicts the velocity
+    prediction: Literal["epsilon", "v"] = "v"  # ddpm only; rflow always predicts the velocity
     num_train_timesteps: int = 1000
-    sample_steps: int = 50  # DDIM / RFlow steps when sampling (evaluate)
     val_patches_per_volume: int = 8  # fixed patches (and noise, timesteps) per val volume
     latent_cache: Literal["memory", "disk"] = "memory"  # disk: also under models/checkpoints/latents (resume)
     checkpoint_every: int = 100  # steps between last.pt writes (and one at every epoch end)
@@ -311,8 +310,6 @@ class TrainParams:
         _require(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0, "train",
                  "warmup_steps, weight_decay and grad_clip must be >= 0")
         _require(self.num_train_timesteps >= 2, "train.num_train_timesteps", "must be >= 2")
-        _require(1 <= self.sample_steps <= self.num_train_timesteps, "train.sample_steps",
-                 "must be in [1, train.num_train_timesteps]")
         _require(self.val_patches_per_volume >= 1, "train.val_patches_per_volume", "must be >= 1")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
@@ -344,6 +341,10 @@ class Params:
     vae_check: VaeCheckParams = field(default_factory=VaeCheckParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def __post_init__(self) -> None:
+        _require(self.evaluate.steps <= self.train.num_train_timesteps, "evaluate.steps",
+                 f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps})")
 
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")

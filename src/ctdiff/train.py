@@ -76,7 +76,7 @@ from ctdiff.vae.data import Case, split_cases
 LAST, BEST = "last.pt", "best.pt"
 LATENT_CACHE_DIR = "latents"
 # train params that change how a run executes or is observed, not the model it produces
-NOT_SHAPING = ("device", "precision", "checkpoint_every", "sample_steps", "latent_cache")
+NOT_SHAPING = ("device", "precision", "checkpoint_every", "latent_cache")
 
 
 class TrainingDiverged(RuntimeError):
