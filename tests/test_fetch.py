@@ -331,6 +331,18 @@ def test_hf_refused_access_names_the_token_fix(fake_hub, tmp_path, capsys, statu
     assert FAKE_TOKEN not in out.out + out.err
 
 
+def test_hf_server_error_falls_back_to_the_cache(fake_hub, hf_env, phantom_zips, tmp_path):
+    """A Hub that answers 500 is neither a refusal nor a dead network: the cache is used, and without one the
+    error says what the Hub answered."""
+    hub = fake_hub(refuse=(500, "InternalServerError"))
+    params = _params(source="hf", hf={"revision": COMMIT})
+    with pytest.raises(DataFetchError, match=r"answered HTTP 500 and the Hugging Face cache .*data.source=phantom"):
+        fetch_data(params, tmp_path / "raw")
+    _build_hf_cache(hf_env, phantom_zips)
+    assert fetch_data(params, tmp_path / "raw").counts == {"APE": 2, "non-APE": 1}
+    assert len(hub.requests) == 2  # one metadata request per run, no retries, no download
+
+
 def test_hf_dead_network_times_out_quickly_then_uses_the_cache(fake_hub, monkeypatch, tmp_path):
     """A Hub that accepts connections and never answers: one short timeout, no retries, then the
     (empty) cache, then the clear error."""

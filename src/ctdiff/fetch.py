@@ -187,12 +187,13 @@ def _hf_patterns(hf: HfDataParams) -> tuple[str, ...]:
 def download_hf_snapshot(hf: HfDataParams) -> Path:
     """Download (or find in the HF cache) ``hf.repo`` at ``hf.revision``; returns the snapshot folder.
 
-    Online, one short request (``HF_HUB_ETAG_TIMEOUT`` seconds, default 10, no retries) first resolves
-    the revision and checks access, so a dead network or a missing token fails in seconds instead of
-    hanging; when it cannot reach the Hub the cache is used as with ``HF_HUB_OFFLINE=1``. Every failure
-    becomes one :class:`DataFetchError` line that names the fix and never contains the token.
+    Online, one short request (:func:`ctdiff.hub.hub_unreachable_reason`, ``HF_HUB_ETAG_TIMEOUT`` seconds,
+    default 10, no retries) first resolves the revision and checks access, so a dead network or a missing
+    token fails in seconds instead of hanging; when it cannot reach the Hub the cache is used as with
+    ``HF_HUB_OFFLINE=1``. Every failure becomes one :class:`DataFetchError` line that names the fix and never
+    contains the token.
     """
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -201,31 +202,26 @@ def download_hf_snapshot(hf: HfDataParams) -> Path:
         RevisionNotFoundError,
     )
 
+    from ctdiff.hub import http_status, hub_unreachable_reason, network_errors
+
     token = os.environ.get("HF_TOKEN") or None
     where = f"{hf.repo}@{hf.revision}"
     denied = (
         f"access to dataset {hf.repo} was refused (gated, private or bad token): set HF_TOKEN to a token of an "
         f"account that accepted the dataset's terms at https://huggingface.co/datasets/{hf.repo}, {_PHANTOM_HINT}"
     )
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    reachable = False
-    if not offline:
-        try:
-            HfApi(token=token).repo_info(
-                hf.repo, repo_type="dataset", revision=hf.revision, timeout=constants.HF_HUB_ETAG_TIMEOUT
-            )
-            reachable = True
-        except RevisionNotFoundError as exc:
-            raise DataFetchError(f"{where}: revision not found; set data.hf.revision to a branch, tag or "
-                                 "commit of the dataset") from exc
-        except (GatedRepoError, RepositoryNotFoundError) as exc:
+    try:
+        why_cache_only = hub_unreachable_reason(hf.repo, "dataset", hf.revision, constants.HF_HUB_ETAG_TIMEOUT, token)
+    except RevisionNotFoundError as exc:
+        raise DataFetchError(f"{where}: revision not found; set data.hf.revision to a branch, tag or "
+                             "commit of the dataset") from exc
+    except (GatedRepoError, RepositoryNotFoundError) as exc:
+        raise DataFetchError(denied) from exc
+    except HfHubHTTPError as exc:
+        if http_status(exc) in (401, 403):
             raise DataFetchError(denied) from exc
-        except HfHubHTTPError as exc:
-            if _status(exc) in (401, 403):
-                raise DataFetchError(denied) from exc
-            # Otherwise Hub trouble (5xx): the cache may still hold the snapshot.
-        except _network_errors():
-            pass  # no network: try the cache below, as HF_HUB_OFFLINE=1 would
+        # Hub trouble (5xx): the cache may still hold the snapshot.
+        why_cache_only = f"the Hugging Face Hub answered HTTP {http_status(exc)}"
     try:
         folder = snapshot_download(
             hf.repo,
@@ -233,40 +229,24 @@ def download_hf_snapshot(hf: HfDataParams) -> Path:
             revision=hf.revision,  # not the resolved commit: the cache then records refs/<branch> for offline runs
             allow_patterns=list(_hf_patterns(hf)),
             token=token,
-            local_files_only=not reachable,
+            local_files_only=why_cache_only is not None,
             etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
         )
     except (GatedRepoError, RepositoryNotFoundError) as exc:
         raise DataFetchError(denied) from exc
     except LocalEntryNotFoundError as exc:
-        why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face Hub cannot be reached"
+        why = why_cache_only or "the Hugging Face Hub cannot be reached"  # the connection dropped after the check
         raise DataFetchError(
             f"{where}: {why} and the Hugging Face cache ({constants.HF_HUB_CACHE}) holds no complete snapshot of it; "
             f"download it once online (unset HF_HUB_OFFLINE, set HF_TOKEN), {_PHANTOM_HINT}"
         ) from exc
     except HfHubHTTPError as exc:
-        if _status(exc) in (401, 403):
+        if http_status(exc) in (401, 403):
             raise DataFetchError(denied) from exc
-        raise DataFetchError(f"{where}: download failed (HTTP {_status(exc)}); rerun later, {_PHANTOM_HINT}") from exc
-    except _network_errors() as exc:
+        raise DataFetchError(f"{where}: download failed (HTTP {http_status(exc)}); rerun later, "
+                             f"{_PHANTOM_HINT}") from exc
+    except network_errors() as exc:
         # Only the class name: a transport error's text is not ours to vouch for.
         raise DataFetchError(f"{where}: download interrupted ({type(exc).__name__}); rerun to resume (finished "
                              f"files stay in the Hugging Face cache), {_PHANTOM_HINT}") from exc
     return Path(folder)
-
-
-def _status(exc: Exception) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the Hub is unreachable" for the installed huggingface_hub's HTTP client:
-    httpx2 or httpx in recent versions, requests (whose errors are OSErrors) in older ones."""
-    errors: list[type[BaseException]] = [OSError]  # includes OfflineModeIsEnabled
-    for module in ("httpx2", "httpx"):
-        try:
-            errors.append(__import__(module).TransportError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
