@@ -24,30 +24,12 @@ def with_evaluate(params, **evaluate):
     return params_from_dict(raw)
 
 
-def add_series1(processed_dir, slab=4):
-    """series1.npy (thick slabs of the target on their own grid), as preprocess writes it."""
-    for case_dir in processed_dir.iterdir():
-        if not case_dir.is_dir():
-            continue
-        meta = json.loads((case_dir / "meta.json").read_text())
-        target = np.load(case_dir / "target.npy").astype(np.float32)
-        n = target.shape[0] // slab
-        thick = target[: n * slab].reshape(n, slab, *target.shape[1:]).mean(axis=1)
-        grid = Grid.from_meta(meta["grid"])
-        grid1 = Grid(thick.shape, (*grid.spacing_mm[:2], grid.spacing_mm[2] * slab),
-                     tuple(grid.physical_point(((slab - 1) / 2, 0, 0))), grid.direction)
-        np.save(case_dir / "series1.npy", np.rint(thick).astype(np.int16))
-        meta["series1"] = {"grid": grid1.to_meta()}
-        (case_dir / "meta.json").write_text(json.dumps(meta))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("evaluate")
     params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1), steps=3)
     ws = workspace(tmp, params)
-    add_series1(ws["processed_dir"])
     train(params, **ws, progress=False)
     return tmp, params, ws
 

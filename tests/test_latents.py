@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from trainkit import tiny_params, write_processed, write_vae
-from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
+from trainkit import SHAPE, smooth_field, tiny_params, write_vae
+from vae_helpers import single_torch_thread, write_processed  # noqa: F401  (fixture)
 
 from ctdiff.latents import (
     LatentCache,
@@ -14,6 +14,7 @@ from ctdiff.latents import (
     epoch_order,
     latent_patch_shape,
     rank_batches,
+    recon_block,
 )
 from ctdiff.params import ParamsError
 from ctdiff.vae.data import split_cases
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 @pytest.fixture(params=[False, True], ids=["sd", "maisi"])
 def setup(request, tmp_path):
     params = tiny_params(use_maisi=request.param)
-    processed = write_processed(tmp_path / "processed", n_train=2, n_val=0, n_test=0)
+    processed = write_processed(tmp_path / "processed", n_train=2, n_val=0, shape=SHAPE, target_hu=smooth_field,
+                                source_slices=5)
     vae = VaeAdapter.load(write_vae(tmp_path / "vae", params), params.vae, "cpu")
     return params, vae, split_cases(processed, "train")
 
@@ -55,6 +57,27 @@ def test_training_decode_is_the_codecs_decode_with_gradients_to_the_decoder(setu
     recon01.mean().backward()
     with_grad = {name for name, p in vae.module.named_parameters() if p.grad is not None}
     assert with_grad and all(name.startswith(("decoder.", "post_quant_conv.")) for name in with_grad)
+
+
+def test_recon_block_is_a_random_block_of_the_patch_and_its_image_slices(setup):
+    _, vae, cases = setup
+    hu = torch.from_numpy(cases[0].load("target")[:16].astype(np.float32))[None, None]
+    x01 = vae.hu_to_x01(hu)
+    latent = vae.encode_posterior_hu(hu).mean
+    fd, depth = vae.downsample[0], latent.shape[2]
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(20):
+        block, image = recon_block(latent, x01, vae.downsample, 2, rng)
+        assert block.shape[2] == 2 and image.shape[2] == 2 * fd
+        start = next(a for a in range(depth - 1) if torch.equal(latent[:, :, a:a + 2], block))
+        torch.testing.assert_close(image, x01[:, :, start * fd:(start + 2) * fd], rtol=0, atol=0)
+        starts.add(start)
+        # what the loss decodes: the block's own reconstruction, the same shape as its image slices
+        assert vae.decode_x01_train(block).shape == image.shape
+    assert len(starts) > 1  # random, not always the first slices
+    whole, whole_image = recon_block(latent, x01, vae.downsample, 0, rng)
+    assert whole is latent and whole_image is x01
 
 
 def test_set_trainable_freezes_and_unfreezes_the_right_parts(setup):

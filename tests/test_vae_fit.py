@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 @pytest.mark.parametrize("use_maisi", [True, False], ids=["maisi", "sd"])
 def test_scratch_training_lowers_the_reconstruction_loss(tmp_path, use_maisi):
-    processed = write_processed(tmp_path)
+    processed = write_processed(tmp_path / "data" / "processed")
     vae = as_params(tiny_params(use_maisi)).vae
     codec = new_codec(vae, scratch_config(vae))
     patch = vae.maisi.patch if use_maisi else vae.sd.patch
@@ -48,7 +48,7 @@ def test_scratch_training_lowers_the_reconstruction_loss(tmp_path, use_maisi):
 
 @pytest.mark.parametrize("use_maisi", [True, False], ids=["maisi", "sd"])
 def test_scratch_fit_then_check_write_their_contracts(tmp_path, use_maisi):
-    processed = write_processed(tmp_path)
+    processed = write_processed(tmp_path / "data" / "processed")
     params = as_params(tiny_params(use_maisi, scratch_epochs=1))
     fetch_pretrained(params.vae, tmp_path / "pretrained")
 
@@ -79,7 +79,7 @@ def test_scratch_fit_then_check_write_their_contracts(tmp_path, use_maisi):
 
 def test_pretrained_without_finetuning_points_at_the_download(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    processed = write_processed(tmp_path)
+    processed = write_processed(tmp_path / "data" / "processed")
     raw = tiny_params(True, pretrained=True)
     vae = as_params(raw).vae
     buf = io.BytesIO()
@@ -113,7 +113,7 @@ def test_pretrained_without_finetuning_points_at_the_download(tmp_path, monkeypa
 
 
 def test_stages_run_offline_from_the_repository_root(tmp_path):
-    write_processed(tmp_path)
+    write_processed(tmp_path / "data" / "processed")
     write_params(tmp_path, tiny_params(False, scratch_epochs=1))
     env = {**os.environ, **SINGLE_THREAD_ENV, "HF_HUB_OFFLINE": "1"}
     for stage in ("fetch_weights", "vae_fit", "vae_check"):
@@ -130,7 +130,7 @@ def test_stages_run_offline_from_the_repository_root(tmp_path):
 def test_missing_or_empty_splits_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="run the preprocess stage"):
         split_cases(tmp_path, "train")
-    processed = write_processed(tmp_path)
+    processed = write_processed(tmp_path / "data" / "processed")
     assert [c.case_id for c in split_cases(processed, "train", max_cases=2)] == ["case_000", "case_001"]
     with pytest.raises(DataError, match="no 'test' cases"):
         split_cases(processed, "test")

@@ -1,21 +1,20 @@
 """Tiny, real inputs for the train-stage tests: processed cases on disk and a small VAE in ``models/vae`` form.
 
-The processed folders follow the DESIGN.md contract (int16 HU ``source.npy``/``target.npy``, ``meta.json``
-with ``split`` and ``grid``, ``splits.json``). The VAE is built with the VAE package's own constructors
+The processed folder is :func:`vae_helpers.write_processed`'s (the preprocess contract, ``series1.npy``
+included) with textured volumes (:func:`smooth_field`). The VAE is built with the VAE package's own constructors
 (``new_codec`` at a small width) and written with its own ``save_weights``/``write_manifest``, so the train
 stage loads it exactly as it loads vae_fit's output.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.transforms import GaussianSmooth
+from vae_helpers import write_processed
 
 from ctdiff.io import atomic_dir
 from ctdiff.params import Params, params_from_dict
@@ -42,33 +41,15 @@ def tiny_params(use_maisi: bool = False, **train: Any) -> Params:
     })
 
 
-def write_processed(root: Path, n_train: int = 3, n_val: int = 1, n_test: int = 1, shape=SHAPE,
-                    seed: int = 0) -> Path:
-    """Synthetic paired cases under ``root``: a smooth HU field (target) and its slab average (source)."""
-    rng = np.random.default_rng(seed)
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    names = [("train", n_train), ("val", n_val), ("test", n_test)]
-    i = 0
-    for split, n in names:
-        for _ in range(n):
-            case_id = f"case_{i:03d}"
-            i += 1
-            field = GaussianSmooth(sigma=2.0)(torch.from_numpy(rng.normal(size=(1, *shape))).float())
-            target = (field / field.std() * 400.0 - 300.0).clamp(-1024, 1500)
-            # a thick-slice version of the same anatomy: a 5-slice running mean along z
-            source = F.avg_pool3d(target[None], (5, 1, 1), stride=1, padding=(2, 0, 0), count_include_pad=False)[0]
-            target, source = target[0].numpy(), source[0].numpy()
-            folder = root / case_id
-            folder.mkdir(parents=True)
-            np.save(folder / "target.npy", target.astype(np.int16))
-            np.save(folder / "source.npy", source.astype(np.int16))
-            meta = {"case_id": case_id, "category": "APE", "split": split,
-                    "grid": {"shape": list(shape), "spacing": [5.0, 5.0, 1.0], "origin": [0.0, 0.0, 0.0],
-                             "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}}
-            (folder / "meta.json").write_text(json.dumps(meta))
-            splits[split].append(case_id)
-    (root / "splits.json").write_text(json.dumps(splits))
-    return root
+def smooth_field(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """(D, H, W) float32 HU: smoothed noise scaled to -300 +- 400 HU, clipped to [-1024, 1500].
+
+    Texture everywhere, unlike :func:`vae_helpers.synthetic_ct`'s flat tissue classes: a random training patch
+    is never plain air.
+    """
+    noise = torch.from_numpy(np.random.default_rng(seed).normal(size=(1, *shape))).float()
+    field = GaussianSmooth(sigma=2.0)(noise)
+    return (field / field.std() * 400.0 - 300.0).clamp(-1024, 1500)[0].numpy()
 
 
 def write_vae(vae_dir: Path, params: Params, seed: int = 0) -> Path:
@@ -83,7 +64,8 @@ def write_vae(vae_dir: Path, params: Params, seed: int = 0) -> Path:
 
 def workspace(tmp_path: Path, params: Params) -> dict[str, Path]:
     """processed data + models/vae under ``tmp_path``; the paths :func:`ctdiff.train.train` takes."""
-    processed = write_processed(tmp_path / "data" / "processed")
+    processed = write_processed(tmp_path / "data" / "processed", n_train=3, n_val=1, n_test=1, shape=SHAPE,
+                                target_hu=smooth_field, source_slices=5)
     vae_dir = write_vae(tmp_path / "models" / "vae", params)
     return {"processed_dir": processed, "vae_dir": vae_dir, "ckpt_dir": tmp_path / "models" / "checkpoints",
             "live_dir": tmp_path / "dvclive" / "train"}

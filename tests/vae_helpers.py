@@ -1,10 +1,12 @@
-"""Fixtures for the VAE tests: tiny processed cases, tiny VAE params, and a real-layout Hugging Face cache."""
+"""Shared test fixtures: tiny processed cases (the one writer of a ``data/processed`` folder), tiny VAE params,
+a real-layout Hugging Face cache."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ import pytest
 import torch
 import yaml
 
+from ctdiff.grid import Grid
 from ctdiff.params import Params, params_from_dict
+from ctdiff.phantom import CATEGORIES
 
 MAISI_REPO = "MONAI/maisi_ct_generative"
 SD_REPO = "stabilityai/sd-vae-ft-mse"
@@ -95,27 +99,53 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int) -> np.ndarray:
     return np.round(hu).astype(np.int16)
 
 
-def write_processed(root: Path, shape: tuple[int, int, int] = (16, 24, 24), n_train: int = 3, n_val: int = 2,
-                    spacing_mm: tuple[float, float, float] = (5.0, 5.0, 1.0)) -> Path:
-    """A ``data/processed`` folder following the contract; the source is a z-smoothed copy of the target."""
-    processed = root / "data" / "processed"
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for i in range(n_train + n_val):
+def write_processed(processed: Path, n_train: int = 3, n_val: int = 2, n_test: int = 0,
+                    shape: tuple[int, int, int] = (16, 24, 24),
+                    spacing_mm: tuple[float, float, float] = (5.0, 5.0, 1.0), seed: int = 0,
+                    target_hu: Callable[[tuple[int, int, int], int], np.ndarray] = synthetic_ct,
+                    source_slices: int = 3, series1_slices: int = 4) -> Path:
+    """Write the folder ``processed`` as the preprocess stage writes ``data/processed``; returns it.
+
+    Case ``i`` (``case_000``, ...: train, then val, then test cases; categories alternate) gets
+    ``target.npy`` = ``target_hu(shape, seed + i)`` as int16 HU and ``source.npy`` = the target's running mean
+    over ``source_slices`` slices along z (the window shrinks at the ends), a cheap stand-in for series 1
+    interpolated onto the target grid. ``series1.npy`` is series 1 as acquired: slabs of ``series1_slices``
+    target slices, each their mean, on a grid of its own (``meta.json["series1"]["grid"]``: z spacing
+    ``series1_slices`` times the target's, origin at the first slab's centre), which evaluate resamples as
+    it resamples real data. ``spacing_mm`` is (sx, sy, sz) of the target grid.
+    """
+    if shape[0] % series1_slices:
+        raise ValueError(f"{shape[0]} slices do not split into slabs of {series1_slices}: series 1 must cover the "
+                         "target, as preprocess guarantees")
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    grid = Grid(shape, spacing_mm, (0.0, 0.0, 0.0), identity)
+    slab = series1_slices
+    grid1 = Grid((shape[0] // slab, *shape[1:]), (*spacing_mm[:2], spacing_mm[2] * slab),
+                 tuple(grid.physical_point(((slab - 1) / 2, 0, 0)).tolist()), identity)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    splits: dict[str, list[str]] = {name: [] for name in counts}
+    for i, split in enumerate(name for name, n in counts.items() for _ in range(n)):
         case_id = f"case_{i:03d}"
-        split = "train" if i < n_train else "val"
         splits[split].append(case_id)
+        target = np.rint(target_hu(shape, seed + i)).astype(np.int16)
+        half = source_slices // 2
+        source = np.stack([target[max(k - half, 0):k + half + 1].mean(axis=0) for k in range(shape[0])])
+        series1 = target.reshape(grid1.shape[0], slab, *shape[1:]).mean(axis=1)
         folder = processed / case_id
         folder.mkdir(parents=True)
-        target = synthetic_ct(shape, i)
-        source = ((target.astype(np.float32) + np.roll(target, 1, 0) + np.roll(target, -1, 0)) / 3).astype(np.int16)
-        np.save(folder / "target.npy", target)
-        np.save(folder / "source.npy", source)
-        grid = {"shape": list(shape), "spacing": list(spacing_mm), "origin": [0.0, 0.0, 0.0],
-                "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}
-        meta = {"case_id": case_id, "category": "non-APE", "split": split, "grid": grid}
+        for name, hu in (("target", target), ("source", source), ("series1", series1)):
+            np.save(folder / f"{name}.npy", np.rint(hu).astype(np.int16))
+        meta = {"case_id": case_id, "category": CATEGORIES[i % 2], "split": split, "grid": grid.to_meta(),
+                "series1": _series_summary(grid1), "series2": _series_summary(grid), "warnings": []}
         (folder / "meta.json").write_text(json.dumps(meta))
     (processed / "splits.json").write_text(json.dumps(splits))
     return processed
+
+
+def _series_summary(grid: Grid) -> dict[str, Any]:
+    """meta.json's acquisition summary of a series on ``grid`` (as preprocess writes it)."""
+    return {"grid": grid.to_meta(), "n_slices": grid.shape[0], "spacing": list(grid.spacing_mm),
+            "slice_thickness": grid.spacing_mm[2]}
 
 
 def add_to_hf_cache(cache_dir: Path, repo: str, commit: str, files: dict[str, bytes]) -> dict[str, str]:

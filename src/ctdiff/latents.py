@@ -269,6 +269,24 @@ class PatchSampler:
         return torch.stack(src)[:, None], torch.stack(tgt)[:, None]
 
 
+def recon_block(latent: torch.Tensor, image: torch.Tensor, downsample: Sequence[int], slices: int,
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random block of ``slices`` latent slices of a (B, C, d, h, w) patch and the image slices it codes.
+
+    The decoder's reconstruction loss in unfrozen epochs is estimated on this block instead of the whole
+    patch: an unbiased estimate of the same per-voxel L1 (the block's start is uniform), at a fraction of
+    the cost. For SD the decoder is 2D, so a block of slices decodes exactly as it does inside the patch;
+    for MAISI the block is a smaller 3D patch, as in vae_fit's patch training. ``image`` is
+    (B, 1, d * fd, h * fh, w * fw); ``slices`` 0 or >= d returns both whole. One block per batch.
+    """
+    depth = latent.shape[2]
+    if slices <= 0 or slices >= depth:
+        return latent, image
+    start = int(rng.integers(0, depth - slices + 1))
+    fd = downsample[0]
+    return latent[:, :, start:start + slices], image[:, :, start * fd:(start + slices) * fd]
+
+
 def cut_patch(x: Any, corner: Sequence[int], size: Sequence[int]) -> Any:
     """``x[..., c:c+s]`` over the last three axes, edge-padded at the far end where it runs out.
 

@@ -279,6 +279,7 @@ class TrainParams:
     vae_lr: float = 1.0e-5
     vae_recon_weight: float = 1.0  # weight of (L1 in [0, 1] + vae_kl_weight * KL) on the target patch
     vae_kl_weight: float = 1.0e-6  # KL summed over latent elements, as in vae_fit
+    vae_recon_slices: int = 2  # latent slices of each target patch decoded for that loss (0 = all)
     patch: tuple[int, int, int] = (16, 64, 64)  # voxels [D, H, W]; multiples of VAE downsampling x UNet multiple
     batch_size: int = 4  # patches per optimizer step (per process under torchrun)
     patches_per_volume: int = 4  # random patches per training volume per epoch
@@ -305,6 +306,7 @@ class TrainParams:
         _require(self.vae_recon_weight >= 0 and self.vae_kl_weight >= 0, "train", "vae_recon_weight and "
                  "vae_kl_weight must be >= 0")
         _require(all(p > 0 for p in self.patch), "train.patch", "sizes must be > 0")
+        _require(self.vae_recon_slices >= 0, "train.vae_recon_slices", "must be >= 0 (0 = the whole patch)")
         _require(self.batch_size >= 1 and self.patches_per_volume >= 1, "train", "batch_size and "
                  "patches_per_volume must be >= 1")
         _require(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0, "train",

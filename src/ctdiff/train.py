@@ -68,6 +68,7 @@ from ctdiff.latents import (
     epoch_order,
     latent_patch_shape,
     rank_batches,
+    recon_block,
 )
 from ctdiff.metrics import psnr
 from ctdiff.params import Params, TrainParams, to_dict
@@ -254,8 +255,11 @@ def train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, li
                         # the same latent sample, + KL), so the diffusion loss cannot reshape or collapse the
                         # latent space unopposed. With "decoder" the KL is a constant (frozen encoder) and
                         # the diffusion loss never reaches the VAE: the decoder learns from this term alone.
-                        recon01 = vae.decode_x01_train(z_target / scale_factor)
-                        loss_vae = F.l1_loss(recon01.float(), x01_target) + tp.vae_kl_weight * vae.kl(target)
+                        # (decoded on a random block of train.vae_recon_slices latent slices: recon_block)
+                        block, x01_block = recon_block(z_target / scale_factor, x01_target, vae.downsample,
+                                                       tp.vae_recon_slices, rng)
+                        recon01 = vae.decode_x01_train(block)
+                        loss_vae = F.l1_loss(recon01.float(), x01_block) + tp.vae_kl_weight * vae.kl(target)
                     loss = loss_diffusion + tp.vae_recon_weight * loss_vae
 
                 # every rank must agree to stop (a diverged loss on one rank, or a signal)
@@ -342,7 +346,9 @@ class Validation:
 
     The val volumes are encoded whole (posterior mean) once and again only when the encoder trains
     (``full`` fine-tuning); the VAE reconstruction PSNR of the val targets is recomputed only when the
-    decoder trains. Timesteps are spread evenly over [0, T) to lower the variance of the estimate.
+    decoder trains, on the central block of each target as deep as a training patch (the same block every
+    time, so epochs compare; decoding whole volumes through the released SD decoder cost ~25 s per epoch
+    on 2 CPU cores). Timesteps are spread evenly over [0, T) to lower the variance of the estimate.
     """
 
     def __init__(self, vae: VaeAdapter, cases: list[Case], sampler: PatchSampler, scheduler: Any,
@@ -375,10 +381,13 @@ class Validation:
             self._encode()
         if decoder_changed or self.psnr is None:
             values = []
+            fd = self.vae.downsample[0]
             for case, (_, target) in zip(self.cases, self.latents):
-                target_hu = case.load("target")
-                recon_hu = self.vae.decode_hu(target[None], target_hu.shape)[0, 0].cpu()
-                values.append(psnr(self.vae.hu_to_x01(recon_hu), self.vae.hu_to_x01(torch.from_numpy(target_hu))))
+                depth = min(target.shape[1], self.sampler.latent_patch[0])
+                start = (target.shape[1] - depth) // 2
+                target_hu = torch.from_numpy(case.load("target")[start * fd:(start + depth) * fd].astype(np.float32))
+                recon_hu = self.vae.decode_hu(target[None, :, start:start + depth], target_hu.shape)[0, 0].cpu()
+                values.append(psnr(self.vae.hu_to_x01(recon_hu), self.vae.hu_to_x01(target_hu)))
             self.psnr = float(np.mean(values))
         self.vae.module.train(was_training)
         source = torch.stack([cut_patch(s, c, self.sampler.latent_patch) for (s, _), cs in
