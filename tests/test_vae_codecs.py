@@ -1,5 +1,7 @@
 """The SD and MAISI latent codecs: shapes on odd sizes, intensity mapping, tiling, strict manifest loading."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from vae_helpers import (  # single_torch_thread is a fixture
     tiny_params,
 )
 
+from ctdiff.params import params_from_dict
 from ctdiff.vae.load import (
     MANIFEST_JSON,
     WeightsError,
@@ -20,7 +23,7 @@ from ctdiff.vae.load import (
     scratch_config,
     write_manifest,
 )
-from ctdiff.vae.maisi import MaisiCodec
+from ctdiff.vae.maisi import MaisiCodec, maisi_config
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -136,3 +139,19 @@ def test_manifest_round_trip_is_verified_and_strict(tmp_path, use_maisi):
     (vae_dir / MANIFEST_JSON).unlink()
     with pytest.raises(WeightsError, match="run the vae_fit stage"):
         load_codec(vae_dir, vae)
+
+
+def test_released_maisi_architecture_matches_the_published_checkpoint():
+    """``vae.maisi.arch`` (the committed defaults) against public facts about the released weights.
+
+    ``MONAI/maisi_ct_generative`` ``models/autoencoder.pt`` (sha256 ``1f8a7a05...``, pinned in params) is
+    byte-identical to ``nvidia/NV-Generate-CT`` ``models/autoencoder_v1.pt``: 83,831,868 bytes holding a
+    state dict of 130 tensors. The key names themselves are checked by strict loading at fetch time.
+    """
+    vae = params_from_dict({"vae": {"use_maisi": True}}).vae
+    assert vae.maisi.hub.sha256.startswith("1f8a7a05")
+    state = new_codec(vae, maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    assert len(state) == 130
+    assert abs(len(buf.getvalue()) - 83_831_868) < 0.001 * 83_831_868  # the pickle's names differ a little

@@ -122,7 +122,7 @@ class SdHubParams(HubParams):
     filename: str = "diffusion_pytorch_model.safetensors"
     sha256: str = "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815"
     config_filename: str = "config.json"
-    config_sha256: str = ""
+    config_sha256: str = "92d3dfb746fca211a2c9e019e285f8597412211728dce3c5bcf4eda0f2d62e7e"
 
 
 @dataclass(frozen=True)
