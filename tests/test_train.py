@@ -167,15 +167,41 @@ def test_checkpoints_load_weights_only_and_sample(tmp_path):
     assert hu.shape == (1, 1, 8, 16, 16) and torch.isfinite(hu).all()
 
 
-@pytest.mark.skipif(os.environ.get("CI") == "true", reason=(
-    "intermittent: about one run in three on 2 shared cores, the gloo job finishes its last epoch and then "
-    "one rank never exits (open work, see the train issue note); run locally with CI unset"))
-def test_ddp_two_processes_on_cpu(tmp_path):
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the fields after "(comm)": state, ppid
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def finish_torchrun(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """:func:`finish` for torchrun. Its workers run in sessions of their own, so on a timeout they get SIGABRT
+    first: none outlives the test, and each prints every thread's stack (PYTHONFAULTHANDLER) into the failure."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in child_pids(proc.pid):
+            os.kill(pid, signal.SIGABRT)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"{proc.args} did not finish in {timeout} s; the workers' stacks when stopped:\n{out}")
+    return proc.returncode, out
+
+
+def test_ddp_two_processes_on_cpu(tmp_path, monkeypatch):
     params = tiny_params(epochs=2, vae_freeze_epochs=1)  # both phases: DDP UNet + averaged VAE gradients
     ws = workspace(tmp_path, params)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
-    returncode, out = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2", str(REPO / "stages" / "train.py")], cwd=tmp_path))
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    # The job used to finish its last epoch and then hang in about half the runs: see DistEnv.close.
+    returncode, out = finish_torchrun(start([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node=2", str(REPO / "stages" / "train.py")], cwd=tmp_path))
     assert returncode == 0, out
     ckpt = load_checkpoint(ws["ckpt_dir"] / "last.pt")
     assert ckpt["step"] == 2 * 2  # ceil(3 cases x 2 patches / (batch 2 x 2 ranks)) x 2 epochs

@@ -33,6 +33,7 @@ checkpoints. Each process encodes the whole training set for its cache.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -42,7 +43,9 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,10 @@ from ctdiff.vae.data import Case, split_cases
 
 LAST, BEST = "last.pt", "best.pt"
 LATENT_CACHE_DIR = "latents"
+# How long a process waits for the others in a collective before the job fails with an error (gloo and
+# NCCL alike): long enough for rank 0's validation and checkpoint writes at the end of an epoch, which the
+# other ranks wait for, short enough that a job with a hung or vanished peer fails within the hour.
+DIST_TIMEOUT = timedelta(minutes=30)
 # train params that change how a run executes or is observed, not the model it produces
 NOT_SHAPING = ("device", "precision", "checkpoint_every", "latent_cache")
 
@@ -110,8 +117,22 @@ class TrainResult:
 def train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,
           progress: bool = True) -> TrainResult:
     """Run (or resume) the train stage; see the module docstring. Returns what happened."""
+    env = DistEnv.setup(params.train)
+    try:
+        return _train(params, processed_dir, vae_dir, ckpt_dir, live_dir, progress, env)
+    except BaseException as exc:
+        # The traceback keeps _train's locals (the DDP model) alive; they must go before the process
+        # group does (DistEnv.close). The frames' code and line numbers stay for the error report.
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        env.close()
+
+
+def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path, progress: bool,
+           env: DistEnv) -> TrainResult:
+    """The body of :func:`train`; returning (or raising) drops the DDP model before ``env`` closes."""
     tp = params.train
-    env = DistEnv.setup(tp)
     device = env.device
     say = print if env.is_main else (lambda *a, **k: None)
     torch.manual_seed(params.seed + env.rank)
@@ -173,7 +194,6 @@ def train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, li
     if step >= total_steps:
         say(f"train: already complete ({step} steps); delete {ckpt_dir} to train again")
         result.scale_factor = float(scale_factor)
-        env.close()
         return result
 
     # ---- latents of the frozen VAE: cached posteriors of every training volume; the scale factor from them
@@ -335,7 +355,6 @@ def train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, li
                 raise TrainInterrupted(stop.signum or signal.SIGTERM, step)
     finally:
         stop.restore()
-        env.close()
     result.steps = step
     return result
 
@@ -522,7 +541,7 @@ class DistEnv:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                                           world_size))))
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if cuda else "gloo")
+                dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
             return cls(dist.get_rank(), world_size, device)
         return cls(0, 1, device)
 
@@ -544,7 +563,18 @@ class DistEnv:
                 p.grad /= self.world_size
 
     def close(self) -> None:
+        """Destroy the process group. Drop the DDP model first (:func:`train` does): the group must outlive it.
+
+        Whatever drops the last reference to a gloo group joins its worker threads, and a worker may still
+        be freeing the tensors of the last collective, which needs the GIL. The group's Python object joins
+        with the GIL released; DDP's C++ reducer, also holding the group, joins while holding it, so when it
+        went last the process deadlocked on exit (the job's last epoch done, one rank never exiting: 10 runs
+        in 20 of the 2-process CPU test). DDP can sit in a reference cycle, hence the collection here: it
+        frees a dropped model while the group is still registered, so the reducer's reference is never the
+        last one.
+        """
         if self.world_size > 1 and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
