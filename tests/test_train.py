@@ -208,6 +208,18 @@ def test_ddp_two_processes_on_cpu(tmp_path, monkeypatch):
     assert out.count("train: 4 steps") == 1  # rank 0 alone reports
 
 
+def test_ddp_job_that_fails_exits_with_an_error_instead_of_hanging(tmp_path, monkeypatch):
+    """A diverging loss raises on every rank mid-training: the group must still close and the job end."""
+    params = tiny_params(lr=1e30, checkpoint_every=100)  # as in the single-process test: step 2 is non-finite
+    workspace(tmp_path, params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    returncode, out = finish_torchrun(start([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node=2", str(REPO / "stages" / "train.py")], cwd=tmp_path))
+    assert returncode != 0, out
+    assert "loss is" in out and "stopped before writing anything" in out
+
+
 @pytest.mark.parametrize(("scheduler", "prediction"), [("rflow", "epsilon"), ("ddpm", "v")])
 def test_other_noise_processes_train_end_to_end(tmp_path, scheduler, prediction):
     params = tiny_params(epochs=2, vae_freeze_epochs=1, scheduler=scheduler, prediction=prediction)

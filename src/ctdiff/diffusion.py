@@ -7,9 +7,9 @@ Everything here works on *scaled* latents (unscaled latent x the scale factor, a
 - ``train.scheduler=ddpm``: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with the scaled-linear betas
   of MAISI's (and LDM's) diffusion model; the UNet predicts ``eps`` (``train.prediction=epsilon``) or
   ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (``v``, the default). Sampling uses DDIM with the same
-  betas. Why v: with these betas ``sqrt(abar_T)`` is about 0.07, so DDIM's first steps read the clean
+  betas. Why v: with these betas ``sqrt(abar_T)`` is about 0.012, so DDIM's first steps read the clean
   latent as ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, which multiplies an epsilon model's
-  error by ~15; from v it is ``sqrt(abar_t) x_t - sqrt(1 - abar_t) v``, no amplification. Measured on the
+  error by ~84; from v it is ``sqrt(abar_t) x_t - sqrt(1 - abar_t) v``, no amplification. Measured on the
   phantoms (SD scratch VAE, 320 training steps): epsilon samples drifted to std 5 (RMSE 5.0 against the
   true unit-std latent), v and rflow landed at RMSE 0.30 and 0.23 and decoded to the VAE's own ceiling.
 - ``train.scheduler=rflow``: rectified flow, ``x_t = (1 - t/T) x0 + (t/T) eps``; the UNet predicts the
