@@ -8,13 +8,18 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ctdiff.evaluate import evaluate
-from ctdiff.params import load_params
+from ctdiff.params import ParamsError, load_params
+from ctdiff.vae.load import WeightsError
 
 
 def main() -> int:
-    params = load_params()
-    metrics = evaluate(params, Path("data/processed"), Path("models/vae"), Path("models/checkpoints"),
-                       Path("dvclive/evaluate"), Path("data/predictions"))
+    try:
+        params = load_params()
+        metrics = evaluate(params, Path("data/processed"), Path("models/vae"), Path("models/checkpoints"),
+                           Path("dvclive/evaluate"), Path("data/predictions"))
+    except (ParamsError, WeightsError, FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 1
     for arm in ("model", "baseline", "baseline_bspline", "vae_ceiling"):
         if arm in metrics:
             m = metrics[arm]

@@ -7,16 +7,16 @@ import sys
 from pathlib import Path
 
 from ctdiff.fetch import DataFetchError, fetch_data
-from ctdiff.params import load_params
+from ctdiff.params import ParamsError, load_params
 
 RAW_DIR = Path("data/raw")
 
 
 def main() -> int:
-    params = load_params()
     try:
+        params = load_params()
         summary = fetch_data(params, RAW_DIR, progress=True)
-    except DataFetchError as exc:
+    except (ParamsError, DataFetchError) as exc:
         # One line, no traceback: the message names the fix (and never holds the token).
         print(f"fetch_data: error: {exc}", file=sys.stderr)
         return 1

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 
 from ctdiff.hub import HubError
-from ctdiff.params import load_params
+from ctdiff.params import ParamsError, load_params
 from ctdiff.vae.load import WeightsError, fetch_pretrained
 
 
 def main() -> int:
-    vae = load_params().vae
     try:
+        vae = load_params().vae
         record, notes = fetch_pretrained(vae, Path("models/pretrained"))
-    except (HubError, WeightsError) as exc:
+    except (ParamsError, HubError, WeightsError) as exc:
         print(f"fetch_weights: {exc}", file=sys.stderr)
         return 1
     for note in notes:

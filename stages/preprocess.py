@@ -3,15 +3,15 @@
 import sys
 from pathlib import Path
 
-from ctdiff.params import load_params
+from ctdiff.params import ParamsError, load_params
 from ctdiff.preprocess import PreprocessError, preprocess
 
 
 def main() -> int:
-    params = load_params()
     try:
+        params = load_params()
         report = preprocess(params, Path("data/raw"), Path("data/processed"))
-    except PreprocessError as exc:
+    except (ParamsError, PreprocessError) as exc:
         print(f"preprocess: {exc}", file=sys.stderr)
         return 1
     print(f"preprocess: {report['n_ok']} case(s) ok, {report['n_rejected']} rejected "

@@ -7,22 +7,22 @@ from pathlib import Path
 # Before torch loads: OpenMP threads that sleep instead of spinning while they wait (see stages/train.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch
 
+from ctdiff.device import pick_device
 from ctdiff.metrics import atomic_live
-from ctdiff.params import load_params
+from ctdiff.params import ParamsError, load_params
 from ctdiff.vae.check import check_vae
 from ctdiff.vae.data import DataError
 from ctdiff.vae.load import WeightsError
 
 
 def main() -> int:
-    params = load_params()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        params = load_params()
+        device = pick_device(params.train.device)
         with atomic_live("dvclive/vae_check") as live:
             summary = check_vae(params, Path("data/processed"), Path("models/vae"), live, device)
-    except (WeightsError, DataError) as exc:
+    except (ParamsError, WeightsError, DataError) as exc:
         print(f"vae_check: {exc}", file=sys.stderr)
         return 1
     print(f"vae_check: {summary['codec']} over {summary['n_cases']} case(s): psnr {summary['psnr']:.2f} dB, "

@@ -1,7 +1,15 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 import yaml
 
+from ctdiff.device import pick_device
 from ctdiff.params import Params, ParamsError, load_params, params_from_dict, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_committed_params_yaml_parses(repo_root):
@@ -44,3 +52,21 @@ def test_float_written_without_dot_is_accepted(tmp_path):
 def test_missing_file_says_where_to_run(tmp_path):
     with pytest.raises(ParamsError, match="repository root"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("stage", sorted(p.stem for p in (REPO / "stages").glob("*.py")))
+def test_every_stage_reports_a_bad_params_file_in_one_line(tmp_path, stage):
+    (tmp_path / "params.yaml").write_text("vae:\n  use_maisi: false\n  bogus_knob: 1\n")
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith(f"{stage}: ") and "bogus_knob" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_device_choice():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ParamsError, match="train.device=cuda"):
+            pick_device("cuda")

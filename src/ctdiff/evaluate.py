@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ctdiff.checkpoint import load_checkpoint
 from ctdiff.denoiser import build_unet, crop_latent, pad_latent
+from ctdiff.device import pick_device
 from ctdiff.diffusion import sample, sampling_scheduler
 from ctdiff.grid import Grid, image_from_array, resample, to_int16_hu
 from ctdiff.io import atomic_dir, atomic_write_text
@@ -153,7 +154,7 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
     case_ids = sorted(splits["test"])[: ep.max_cases or None]
     if not case_ids:
         raise RuntimeError(f"{processed_dir}/splits.json has no test case: nothing to evaluate")
-    device = torch.device("cuda" if torch.cuda.is_available() and params.train.device != "cpu" else "cpu")
+    device = pick_device(params.train.device)
     model = load_trained_model(params, vae_dir, ckpt_dir, device)
     hu_range = params.vae.hu_range
     arms = ["model", "baseline", *(["baseline_bspline"] if ep.bspline_baseline else []), "vae_ceiling"]

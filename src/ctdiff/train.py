@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from ctdiff.checkpoint import params_hash, resumable, rng_state, save_checkpoint, set_rng_state
 from ctdiff.denoiser import build_unet
+from ctdiff.device import pick_device
 from ctdiff.diffusion import diffusion_loss, training_scheduler
 from ctdiff.latents import (
     LatentCache,
@@ -530,10 +531,8 @@ class DistEnv:
     def setup(cls, tp: TrainParams) -> DistEnv:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if tp.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible (set train.device=auto or cpu)")
-        cuda = tp.device == "cuda" or (tp.device == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        device = pick_device(tp.device, local_rank)
+        cuda = device.type == "cuda"
         if cuda:
             torch.cuda.set_device(device)
         if world_size > 1:
