@@ -155,3 +155,23 @@ def test_released_maisi_architecture_matches_the_published_checkpoint():
     torch.save(state, buf)
     assert len(state) == 130
     assert abs(len(buf.getvalue()) - 83_831_868) < 0.001 * 83_831_868  # the pickle's names differ a little
+
+
+def test_maisi_num_splits_changes_memory_not_results():
+    """``vae.maisi.num_splits`` (MONAI's per-convolution split; the released GPU config uses several) gives the
+    same latents and reconstructions as no split, where MONAI can split; elsewhere a clear error instead of
+    the wrongly shaped latents MONAI returns silently."""
+    whole, _ = _codec(True, **{"maisi.tile": [32, 32, 32]})
+    split, _ = _codec(True, **{"maisi.tile": [32, 32, 32], "maisi.num_splits": 2})
+    split.module.load_state_dict(whole.module.state_dict())
+    hu = torch.from_numpy(synthetic_ct((32, 32, 32), 3))[None, None]  # deepest level 8 = 2 pieces of 4
+    latent = whole.encode_hu(hu)
+    torch.testing.assert_close(split.encode_hu(hu), latent, rtol=0, atol=1e-5)
+    torch.testing.assert_close(split.decode_hu(latent, (32, 32, 32)), whole.decode_hu(latent, (32, 32, 32)),
+                               rtol=0, atol=1e-3)  # HU
+    odd = torch.from_numpy(synthetic_ct((16, 20, 16), 3))[None, None]  # deepest 5 along H: 2 pieces do not fit
+    with pytest.raises(ValueError, match=r"num_splits=2 cannot split .* num_splits in \[1\]"):
+        split.encode_hu(odd)
+    small, _ = _codec(True, **{"maisi.num_splits": 2})  # tile 16: deepest 4, pieces of 2
+    with pytest.raises(ValueError, match="vae.maisi.tile"):
+        small.decode_hu(latent, (32, 32, 32))
