@@ -5,6 +5,7 @@ Truth is the HU volume and geometry each test writes; lossless storage must come
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import zipfile
@@ -22,6 +23,7 @@ from ctdiff.dicom import CasePair, CaseRejected, read_case
 from ctdiff.dicom_write import SeriesSpec, encode_series, write_series
 from ctdiff.grid import AIR_HU
 from ctdiff.params import PreprocessParams
+from ctdiff.safezip import SafeZip
 
 Files = list[tuple[str, bytes]]
 THIN_SHAPE = (20, 12, 16)  # series 2: D, H, W at 1 mm
@@ -325,6 +327,100 @@ def test_rescale_is_applied_per_slice(tmp_path):
     path = case_with_thin(tmp_path, shuffled(files), thin_spec)
     expected = thin + np.where(np.arange(20) % 2, 24.0, 0.0).astype(np.float32)[:, None, None]
     np.testing.assert_array_equal(read(path).series2.hu, expected)
+
+
+# --------------------------------------------------------------------------- enhanced (multi-frame) CT
+@pytest.mark.parametrize("rle", [False, True], ids=["native", "rle"])
+def test_enhanced_series_reads_like_classic_files(tmp_path, rle):
+    """One Enhanced CT object (per-frame positions; orientation, spacing and rescale shared) gives the
+    volume and geometry of the same phantom stored one file per slice."""
+    thick_spec, thin_spec = specs(direction=OBLIQUE)
+    thick, thin = truth_hu(THICK_SHAPE, 40), truth_hu(THIN_SHAPE, 41)
+    enhanced = encode_series(thin, dataclasses.replace(thin_spec, enhanced=True, rle=rle))
+    header = pydicom.dcmread(io.BytesIO(enhanced[0][1]))
+    assert len(enhanced) == 1 and header.NumberOfFrames == 20
+    assert header.file_meta.TransferSyntaxUID.is_compressed == rle
+    assert "ImagePositionPatient" not in header and "RescaleIntercept" not in header  # only in functional groups
+    classic = read(write_zip(tmp_path / "classic.zip", {"1": encode_series(thick, thick_spec),
+                                                        "2": encode_series(thin, thin_spec)}))
+    pair = read(write_zip(tmp_path / "enhanced.zip", {"1": encode_series(thick, thick_spec), "2": enhanced}))
+    np.testing.assert_array_equal(pair.series2.hu, thin)
+    np.testing.assert_array_equal(pair.series2.hu, classic.series2.hu)
+    np.testing.assert_array_equal(pair.series1.hu, classic.series1.hu)
+    for attribute in ("spacing_mm", "origin_mm", "direction", "slice_thickness_mm", "acquired_positions_mm"):
+        np.testing.assert_array_equal(getattr(pair.series2, attribute), getattr(classic.series2, attribute))
+    assert_geometry(pair.series2, thin_spec, THIN_SHAPE)
+    assert pair.warnings == classic.warnings == []
+
+
+def test_enhanced_per_frame_rescale_and_frames_out_of_order(tmp_path, monkeypatch):
+    """Every group per frame, each frame its own slope and intercept, frames stored shuffled: the
+    object is still read from the zip once for all its frames."""
+    _, thin_spec = specs(unsigned=False)
+    thin = truth_hu(THIN_SHAPE, 42)
+    enhanced_spec = dataclasses.replace(
+        thin_spec, enhanced=True, frame_order=[int(k) for k in np.random.default_rng(43).permutation(20)],
+        slice_rescale=[(0.5 if k % 2 else 1.0, -1024.0 + 10.0 * k) for k in range(20)],
+        per_frame_groups=("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
+                          "PixelValueTransformationSequence"))
+    whole_reads: list[str] = []
+    read_member = SafeZip.read
+    monkeypatch.setattr(SafeZip, "read", lambda zf, member: whole_reads.append(member.name) or read_member(zf, member))
+    pair = read(case_with_thin(tmp_path, encode_series(thin, enhanced_spec), thin_spec))
+    np.testing.assert_array_equal(pair.series2.hu, thin)
+    assert_geometry(pair.series2, thin_spec, THIN_SHAPE)
+    assert pair.series2.slice_thickness_mm == 1.0
+    assert [name for name in whole_reads if "/2/" in name] == ["case_001/2/ENH00000.dcm"]
+
+
+def test_enhanced_localizer_frames_are_ignored(tmp_path):
+    _, thin_spec = specs()
+    thin = truth_hu((21, *THIN_SHAPE[1:]), 44)
+    enhanced_spec = dataclasses.replace(thin_spec, enhanced=True, per_frame_groups=(
+        "PlanePositionSequence", "CTImageFrameTypeSequence"))
+
+    def last_frame_is_a_scout(ds: pydicom.Dataset, _: int) -> None:
+        frame = ds.PerFrameFunctionalGroupsSequence[-1]
+        frame.CTImageFrameTypeSequence[0].FrameType = ["ORIGINAL", "PRIMARY", "LOCALIZER", "NONE"]
+        frame.PlanePositionSequence[0].ImagePositionPatient = [-8.0, 40.0, 90.0]
+
+    files = patched(encode_series(thin, enhanced_spec), last_frame_is_a_scout)
+    np.testing.assert_array_equal(read(case_with_thin(tmp_path, files, thin_spec)).series2.hu, thin[:20])
+
+
+def test_enhanced_without_per_frame_positions_is_ignored(tmp_path):
+    """Positions only shared (one for all frames) or missing: not a stack of slices."""
+    _, thin_spec = specs()
+    thin = truth_hu(THIN_SHAPE, 45)
+    other = SeriesSpec(spacing_mm=thin_spec.spacing_mm, origin_mm=thin_spec.origin_mm, series_number=5,
+                       frame_of_reference_uid=thin_spec.frame_of_reference_uid, enhanced=True)
+
+    def drop_positions(ds: pydicom.Dataset, _: int) -> None:
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            del frame.PlanePositionSequence
+
+    shared_only = encode_series(thin, dataclasses.replace(other, per_frame_groups=()))
+    missing = patched(encode_series(thin, other), drop_positions)
+    for n, bad in enumerate((shared_only, missing)):
+        alone = case_with_thin(tmp_path, bad, thin_spec, f"alone{n}.zip")
+        assert rejection(alone) == ("series 2: no axial CT image series in folder 2/ (found no image series; "
+                                    "ignored 1 multi-frame image without per-frame position(s))")
+        beside = case_with_thin(tmp_path, encode_series(thin, thin_spec) + bad, thin_spec, f"beside{n}.zip")
+        pair = read(beside)
+        np.testing.assert_array_equal(pair.series2.hu, thin)
+        assert pair.warnings == []
+
+
+def test_enhanced_colour_object_is_ignored(tmp_path):
+    _, thin_spec = specs()
+
+    def to_rgb(ds: pydicom.Dataset, _: int) -> None:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.PixelData = np.repeat(np.frombuffer(ds.PixelData, np.uint16), 3).tobytes()
+
+    files = patched(encode_series(truth_hu(THIN_SHAPE, 46), dataclasses.replace(thin_spec, enhanced=True)), to_rgb)
+    assert rejection(case_with_thin(tmp_path, files, thin_spec)) == (
+        "series 2: no axial CT image series in folder 2/ (found no image series; ignored 1 colour image(s))")
 
 
 # ------------------------------------------------------------------------------------ gaps and tilt

@@ -5,7 +5,10 @@ Headers are parsed from the first few KB of each member (pydicom, ``stop_before_
 localizers, reports and other series are never inflated whole; the chosen series' pixel data is then
 read member by member straight into the output array (uncompressed syntaxes with ``np.frombuffer``,
 compressed ones through pydicom's decoders: RLE natively, JPEG Lossless / JPEG-LS / JPEG 2000
-through python-gdcm or pylibjpeg where installed).
+through python-gdcm or pylibjpeg where installed). A multi-frame object (Enhanced CT Image Storage,
+one object for the whole series) is one image per frame: it is read from the zip once and decoded
+frame by frame (uncompressed frames viewed at their offset, compressed ones through pydicom's
+``pixel_array(ds, index=i)``), so memory holds one object and one frame besides the output.
 
 Geometry follows SimpleITK's conventions (DICOM LPS): voxel ``[k, j, i]`` of ``hu`` (D, H, W) sits at
 ``origin + direction @ (i*sx, j*sy, k*sz)`` mm; the direction's columns are the row direction
@@ -22,8 +25,14 @@ which can quote values, are silenced while reading).
 Decisions on irregular input (each is tested):
 
 - Files without the 128-byte preamble are read; DICOMDIR, non-DICOM files (txt, jpg, xml...),
-  objects without pixel data (SR, presentation states), multi-frame and colour images, images
-  without position/orientation/spacing, ImageType LOCALIZER and single-image series are ignored.
+  objects without pixel data (SR, presentation states), colour images (multi-frame ones included),
+  images without position/orientation/spacing, ImageType LOCALIZER and single-image series are
+  ignored.
+- Each frame of a multi-frame object takes position, orientation, pixel spacing, slice thickness and
+  rescale from its Per-frame Functional Groups, else from the Shared Functional Groups, else from
+  the top level; frames then go through the same checks as files. An object without a position in
+  every frame's Per-frame Functional Groups (a cine loop, a screen capture) is ignored; frames whose
+  FrameType says LOCALIZER are ignored like localizer files.
 - Within one SeriesInstanceUID, slices whose orientation differs from the majority are scouts and
   ignored when they are at most 10 % of the series (or one image); a larger mix is rejected if that
   series is the one chosen.
@@ -59,7 +68,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
+from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ctdiff.grid import AIR_HU, Grid, image_from_array
@@ -76,8 +85,20 @@ TILT_MIN_PX = 0.05  # in-plane drift of the stack below this (pixels) is roundin
 
 _NOT_DICOM = "non-DICOM file"
 _NO_PIXEL_DATA = -1  # pixel offset of a DICOM object that has none (SR, presentation state, DICOMDIR)
-_IGNORED_KINDS = ("localizer", "non-image object", "multi-frame image", "colour image",
+_NO_FRAME_POSITIONS = "multi-frame image without per-frame position"
+_IGNORED_KINDS = ("localizer", "non-image object", _NO_FRAME_POSITIONS, "colour image",
                   "image without geometry", "image with unsupported pixel format", "single-image series")
+# Where enhanced (multi-frame) objects keep per-image attributes: functional group sequences, each
+# either per frame or shared by all frames.
+_FRAME_GROUPS = {
+    "ImagePositionPatient": "PlanePositionSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "SliceThickness": "PixelMeasuresSequence",
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+    "FrameType": "CTImageFrameTypeSequence",
+}
 _LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 
 
@@ -262,9 +283,11 @@ def _looks_like_dicom(head: bytes) -> bool:
 # ------------------------------------------------------------------------------------------ headers
 @dataclass
 class _Image:
-    """What the reader needs from one single-frame image file, parsed without its pixel data."""
+    """What the reader needs from one image (a single-frame file, or one frame of a multi-frame
+    object), parsed without its pixel data."""
 
     member: Member
+    frame: int  # 0-based frame in the member's pixel data (0 for single-frame files)
     pixel_offset: int | None  # file offset of the (7FE0,0010) element; None: decode with pydicom
     encoding: tuple[bool, bool]  # (implicit VR, little endian) of the dataset
     series_uid: str
@@ -285,16 +308,17 @@ class _Image:
     padding: tuple[int, int] | None  # stored values [lo, hi] that mark padding
 
 
-def _parse_image(zf: SafeZip, member: Member) -> _Image | str:
-    """The member's image header, or the kind of thing it is when it is not a usable image."""
+def _parse_member(zf: SafeZip, member: Member) -> list[_Image | str]:
+    """The member's images (one per frame), each replaced by the kind of thing it is when it is not a
+    usable image."""
     header = _read_header(zf, member)
     if header is None:
-        return _NOT_DICOM
+        return [_NOT_DICOM]
     ds, pixel_offset = header
     try:
-        return _image_from_header(member, ds, pixel_offset)
+        return _images_from_header(member, ds, pixel_offset)
     except Exception:  # a damaged header can fail in any of pydicom's value converters
-        return "image without geometry"
+        return ["image without geometry"]
 
 
 def _read_header(zf: SafeZip, member: Member) -> tuple[Dataset, int | None] | None:
@@ -331,19 +355,75 @@ def _read_header(zf: SafeZip, member: Member) -> tuple[Dataset, int | None] | No
         n_bytes *= 4
 
 
-def _image_from_header(member: Member, ds: Dataset, pixel_offset: int | None) -> _Image | str:
+def _images_from_header(member: Member, ds: Dataset, pixel_offset: int | None) -> list[_Image | str]:
+    """One image for a classic file, one per frame for a multi-frame object; a kind where ignored."""
     if pixel_offset == _NO_PIXEL_DATA:
-        return "non-image object"
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame image"
+        return ["non-image object"]
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        return "colour image"
-    image_type = ds.get("ImageType", [])
-    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
-    if any(str(v).strip().upper() == "LOCALIZER" for v in image_type):
-        return "localizer"
-    iop, ipp = _floats(ds, "ImageOrientationPatient", 6), _floats(ds, "ImagePositionPatient", 3)
-    spacing = _floats(ds, "PixelSpacing", 2)
+        return ["colour image"]
+    if _is_localizer(ds.get("ImageType")):
+        return ["localizer"]
+    if _int_or(ds.get("NumberOfFrames"), 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return _frame_images(member, ds, pixel_offset)
+    return [_image_from_header(member, ds, ds, pixel_offset, frame=0)]
+
+
+def _frame_images(member: Member, ds: Dataset, pixel_offset: int | None) -> list[_Image | str]:
+    """One image per frame of an enhanced (multi-frame) object.
+
+    Each frame needs its own position in the Per-frame Functional Groups Sequence: a position shared
+    by all frames (or only at the top level) is a series over time or a screen capture, not a stack
+    of slices, and would otherwise pass as one slice stored many times.
+    """
+    n_frames = _int_or(ds.get("NumberOfFrames"), 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    if len(per_frame) != n_frames or not all(_group_has(item, "ImagePositionPatient") for item in per_frame):
+        return [_NO_FRAME_POSITIONS]
+    out: list[_Image | str] = []
+    for frame, item in enumerate(per_frame):
+        attributes = _FrameAttributes(ds, (item, shared))
+        is_localizer = _is_localizer(attributes.get("FrameType"))
+        out.append("localizer" if is_localizer else _image_from_header(member, ds, attributes, pixel_offset, frame))
+    return out
+
+
+@dataclass
+class _FrameAttributes:
+    """Dataset-like ``get`` for one frame of an enhanced object: its per-frame functional groups,
+    then the shared ones, then the top level (the standard lets a group be either per frame or
+    shared; top-level values are what converters and older writers leave)."""
+
+    top: Dataset
+    groups: tuple[Dataset, Dataset]  # (this frame's item, the shared item)
+
+    def get(self, keyword: str, default: object = None) -> object:
+        for group in self.groups:
+            if _group_has(group, keyword):
+                return group[_FRAME_GROUPS[keyword]][0].get(keyword)
+        return self.top.get(keyword, default)
+
+
+def _group_has(group: Dataset, keyword: str) -> bool:
+    """True when ``group`` (a functional groups item) holds ``keyword`` in its sequence for it."""
+    sequence = _FRAME_GROUPS.get(keyword)
+    items = group.get(sequence) if sequence else None
+    return bool(items) and keyword in items[0]
+
+
+def _is_localizer(image_type: object) -> bool:
+    """ImageType or FrameType says LOCALIZER (a scout, not part of the volume)."""
+    values = [] if image_type is None else [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
+def _image_from_header(member: Member, ds: Dataset, attributes: Dataset | _FrameAttributes,
+                       pixel_offset: int | None, frame: int) -> _Image | str:
+    """The image of ``frame``: per-image attributes from ``attributes`` (the dataset itself, or a
+    frame's functional groups), per-object ones (pixel format, UIDs) from ``ds``."""
+    iop = _floats(attributes, "ImageOrientationPatient", 6)
+    ipp = _floats(attributes, "ImagePositionPatient", 3)
+    spacing = _floats(attributes, "PixelSpacing", 2)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if iop is None or ipp is None or spacing is None or min(spacing) <= 0 or rows < 1 or cols < 1:
         return "image without geometry"
@@ -353,11 +433,12 @@ def _image_from_header(member: Member, ds: Dataset, pixel_offset: int | None) ->
     if bits_allocated not in (8, 16, 32):
         return "image with unsupported pixel format"
     bits_stored = int(ds.get("BitsStored", bits_allocated) or bits_allocated)
-    thickness = _floats(ds, "SliceThickness", 1)
-    slope = _floats(ds, "RescaleSlope", 1)
-    intercept = _floats(ds, "RescaleIntercept", 1)
+    thickness = _floats(attributes, "SliceThickness", 1)
+    slope = _floats(attributes, "RescaleSlope", 1)
+    intercept = _floats(attributes, "RescaleIntercept", 1)
     return _Image(
         member=member,
+        frame=frame,
         pixel_offset=pixel_offset,
         encoding=_encoding(ds),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
@@ -380,7 +461,7 @@ def _image_from_header(member: Member, ds: Dataset, pixel_offset: int | None) ->
     )
 
 
-def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
+def _floats(ds: Dataset | _FrameAttributes, keyword: str, n: int) -> np.ndarray | None:
     """``n`` numbers of a DS/FD element as float64, or None when missing or malformed."""
     try:
         value = ds.get(keyword)
@@ -448,11 +529,11 @@ def _read_series(zf: SafeZip, members: list[Member], label: str, *, min_slices: 
     for member in members:
         if member.name.rsplit("/", 1)[-1].upper() == "DICOMDIR":
             continue
-        parsed = _parse_image(zf, member)
-        if isinstance(parsed, str):
-            ignored[parsed] += 1
-        else:
-            images.append(parsed)
+        for parsed in _parse_member(zf, member):
+            if isinstance(parsed, str):
+                ignored[parsed] += 1
+            else:
+                images.append(parsed)
     if not images and not (set(ignored) - {_NOT_DICOM}):
         raise CaseRejected(f"{name}: no DICOM files in folder {label}/")
     stack = _pick_stack(images, ignored, name, label, warnings)
@@ -538,18 +619,7 @@ def _assemble(zf: SafeZip, stack: list[_Image], name: str, *, min_slices: int, a
     sz, uniform = _slice_spacing(positions, name, allow_gaps, warnings)
 
     hu = np.empty((len(positions), first.rows, first.cols), np.float32)
-    k, n_duplicates = -1, 0
-    for image, new in zip(stack, is_new):
-        if new:
-            k += 1
-            _decode_into(zf, image, hu[k], name)
-            continue
-        again = np.empty_like(hu[k])
-        _decode_into(zf, image, again, name)
-        if not np.array_equal(again, hu[k]):
-            raise CaseRejected(f"{name} has two different images at the position of slice {k}: "
-                               f"two acquisitions in one series?")
-        n_duplicates += 1
+    n_duplicates = _decode_stack(zf, stack, is_new, hu, name)
     if n_duplicates:
         warnings.append(f"{name}: dropped {n_duplicates} duplicate slice(s) (same position, same pixels)")
 
@@ -575,6 +645,28 @@ def _assemble(zf: SafeZip, stack: list[_Image], name: str, *, min_slices: int, a
         frame_of_reference_uid=next((im.frame_of_reference_uid for im in stack if im.frame_of_reference_uid), ""),
     )
     return series if uniform else series.resampled_uniform()
+
+
+def _decode_stack(zf: SafeZip, stack: list[_Image], is_new: np.ndarray, hu: np.ndarray, name: str) -> int:
+    """Decode the sorted ``stack`` into ``hu`` (D, H, W), the first image at each position into its
+    slice; returns how many later images at a position (identical copies) were dropped.
+
+    Images are decoded in storage order (file, then frame), not slice order, so each member is read
+    once per pass even when the frames of a multi-frame object are stored out of order.
+    """
+    slice_of = np.cumsum(is_new) - 1  # (N,) slice of hu for each image of the stack
+    storage_order = sorted(range(len(stack)), key=lambda n: (stack[n].member.index, stack[n].frame))
+    pixels = _MemberPixels(zf, name)
+    for n in (n for n in storage_order if is_new[n]):
+        pixels.decode_into(stack[n], hu[slice_of[n]])
+    duplicates = [n for n in storage_order if not is_new[n]]
+    for n in duplicates:
+        again = np.empty_like(hu[0])
+        pixels.decode_into(stack[n], again)
+        if not np.array_equal(again, hu[slice_of[n]]):
+            raise CaseRejected(f"{name} has two different images at the position of slice {slice_of[n]}: "
+                               f"two acquisitions in one series?")
+    return len(duplicates)
 
 
 def _require_same(stack: list[_Image], shown: Callable[[_Image], str], name: str, what: str) -> None:
@@ -608,13 +700,32 @@ def _mm(value: float) -> str:
 
 
 # -------------------------------------------------------------------------------------- pixel data
-def _decode_into(zf: SafeZip, image: _Image, out: np.ndarray, name: str) -> None:
-    """Decode one slice into ``out`` (H, W) float32 as HU: stored value * slope + intercept, padding
-    pixels as air."""
-    data = zf.read(image.member)
-    stored = _native_pixels(data, image, name)
-    if stored is None:
-        stored = _pydicom_pixels(data, image, name)
+class _MemberPixels:
+    """Decodes images of one series, keeping the last member read (its bytes, or for compressed data
+    its parsed dataset): the frames of a multi-frame object then cost one read of the zip member and
+    at most one parse, and memory stays at one copy of the member plus one frame."""
+
+    def __init__(self, zf: SafeZip, name: str) -> None:
+        self._zf, self._name = zf, name
+        self._member: Member | None = None
+        self._data = b""
+        self._dataset: Dataset | None = None
+
+    def decode_into(self, image: _Image, out: np.ndarray) -> None:
+        """Decode one image into ``out`` (H, W) float32 as HU (see :func:`_to_hu`)."""
+        if image.member is not self._member:
+            self._member, self._data, self._dataset = image.member, self._zf.read(image.member), None
+        stored = _native_pixels(self._data, image, self._name) if self._dataset is None else None
+        if stored is None:
+            if self._dataset is None:  # the parse holds the pixel data: drop the bytes, one copy is enough
+                self._dataset, self._data = _full_dataset(self._data, image), b""
+            stored = _pydicom_pixels(self._dataset, image, self._name)
+        _to_hu(stored, image, out, self._name)
+
+
+def _to_hu(stored: np.ndarray, image: _Image, out: np.ndarray, name: str) -> None:
+    """Stored values (H, W) into ``out`` (H, W) float32 as HU: stored value * slope + intercept,
+    padding pixels as air."""
     if stored.shape != out.shape:
         raise CaseRejected(f"{name}: a slice decodes to {stored.shape} pixels, its header says {out.shape}")
     stored = _clean_bits(stored, image)
@@ -647,23 +758,30 @@ def _native_pixels(data: bytes, image: _Image, name: str) -> np.ndarray | None:
     if length == 0xFFFFFFFF:
         return None  # encapsulated (compressed) frames
     n_pixels, itemsize = image.rows * image.cols, image.bits_allocated // 8
-    if len(data) < start + n_pixels * itemsize or length < n_pixels * itemsize:
+    end = (image.frame + 1) * n_pixels * itemsize  # frames are stored back to back
+    if len(data) < start + end or length < end:
         raise CaseRejected(f"{name}: a slice has less pixel data than Rows x Columns needs (truncated file?)")
     dtype = np.dtype(f"{order}{'i' if image.signed else 'u'}{itemsize}")
-    return np.frombuffer(data, dtype, count=n_pixels, offset=start).reshape(image.rows, image.cols)
+    offset = start + image.frame * n_pixels * itemsize
+    return np.frombuffer(data, dtype, count=n_pixels, offset=offset).reshape(image.rows, image.cols)
 
 
-def _pydicom_pixels(data: bytes, image: _Image, name: str) -> np.ndarray:
-    """Stored values (H, W) through pydicom's decoders (compressed transfer syntaxes)."""
+def _full_dataset(data: bytes, image: _Image) -> Dataset:
+    """The whole dataset with its pixel data, with a transfer syntax pydicom's decoders can use."""
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if getattr(ds, "file_meta", None) is None:
         ds.file_meta = FileMetaDataset()
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None:  # a raw dataset without file meta: say how it was encoded
-        syntax = ImplicitVRLittleEndian if image.encoding[0] else ExplicitVRLittleEndian
-        ds.file_meta.TransferSyntaxUID = syntax
+    if ds.file_meta.get("TransferSyntaxUID") is None:  # a raw dataset without file meta: say how it was encoded
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if image.encoding[0] else ExplicitVRLittleEndian
+    return ds
+
+
+def _pydicom_pixels(ds: Dataset, image: _Image, name: str) -> np.ndarray:
+    """Stored values (H, W) of the image's frame through pydicom's decoders (compressed transfer
+    syntaxes); only that frame is decoded."""
+    syntax = ds.file_meta.TransferSyntaxUID
     try:
-        return np.asarray(ds.pixel_array)
+        return np.asarray(pixel_array(ds, index=image.frame))
     except Exception as exc:  # decoder plugins raise many types; the reason says what to do
         try:
             available = get_decoder(syntax).is_available
