@@ -46,6 +46,18 @@ def test_scratch_training_lowers_the_reconstruction_loss(tmp_path, use_maisi):
     assert history[-1]["l1"] < 0.85 * history[0]["l1"]
 
 
+def test_scratch_fit_is_reproducible(tmp_path):
+    """Same params and data, same weights: rerunning the stage (dvc repro --force, a teammate's run) must not
+    change the VAE. (torch seeds each process randomly; before seeding the init, two runs differed.)"""
+    processed = write_processed(tmp_path / "data" / "processed")
+    params = as_params(tiny_params(False, scratch_epochs=1))
+    fetch_pretrained(params.vae, tmp_path / "pretrained")
+    first = fit_vae(params, processed, tmp_path / "pretrained", tmp_path / "vae1")
+    torch.randn(1000)  # whatever ran before in the process must not matter
+    second = fit_vae(params, processed, tmp_path / "pretrained", tmp_path / "vae2")
+    assert first["files"] == second["files"]  # name -> sha256 of the weights
+
+
 @pytest.mark.parametrize("use_maisi", [True, False], ids=["maisi", "sd"])
 def test_scratch_fit_then_check_write_their_contracts(tmp_path, use_maisi):
     processed = write_processed(tmp_path / "data" / "processed")

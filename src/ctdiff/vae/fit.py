@@ -129,6 +129,9 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         if epochs:
             weights = {"source": "finetuned", "epochs": epochs, "base": weights}
     else:
+        # Seeded here, not only in train_codec: torch starts every process from a random seed, so the
+        # initial weights (and with them the whole stage's output) differed from run to run.
+        set_determinism(params.seed)
         codec = new_codec(vae, scratch_config(vae), device)
         epochs, lr = vae.scratch_epochs, vae.scratch_lr
         weights = {"source": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
