@@ -4,32 +4,25 @@ network) against a small fake Hub on 127.0.0.1. Nothing leaves the machine."""
 
 import dataclasses
 import hashlib
-import http.server
-import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import yaml
-from huggingface_hub.utils import close_session
+from hf_fakes import COMMIT, FAKE_TOKEN, REPO  # fixtures hf_env and fake_hub: conftest.py
 
 from ctdiff import fetch as fetch_module
 from ctdiff.fetch import DataFetchError, fetch_data, find_zips, link_or_copy
 from ctdiff.params import params_from_dict
 from ctdiff.phantom import write_phantom_dataset
 
-REPO = "t2ance/APE-data"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-FAKE_TOKEN = "hf_FAKEtokenThatMustNeverBePrinted0123"
 TINY_PHANTOM = {"n_cases": 3, "shape": [10, 32, 32], "pixel_mm": 10.0}
 
 
@@ -158,24 +151,6 @@ def _build_hf_cache(cache: Path, files: dict[str, bytes], commit: str = COMMIT, 
     return storage
 
 
-@pytest.fixture
-def hf_env(tmp_path, monkeypatch) -> Path:
-    """An empty HF cache under tmp_path, offline, a fake token. huggingface_hub reads its environment
-    once at import, so the constants it uses are patched as well as the variables."""
-    home = tmp_path / "hf_home"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
-    return cache
-
-
 @pytest.mark.parametrize("revision", [COMMIT, "main"])
 def test_hf_offline_links_zips_from_the_cache(hf_env, phantom_zips, tmp_path, revision, capsys):
     storage = _build_hf_cache(hf_env, {**phantom_zips, "README.md": b"# APE-data", ".gitattributes": b"*.zip lfs"})
@@ -216,86 +191,6 @@ def test_hf_offline_without_cache_fails_fast_and_names_the_fix(hf_env, tmp_path,
 
 
 # ------------------------------------------------------------------------------ hf: a fake Hub online
-class _FakeHub(http.server.BaseHTTPRequestHandler):
-    """The few Hub routes snapshot_download uses (repo info, tree listing, resolve), serving ``files``;
-    or, with ``refuse`` = (status, X-Error-Code), that refusal for every request."""
-
-    files: dict[str, bytes] = {}
-    refuse: tuple[int, str] | None = None
-    requests: list[tuple[str, str]] = []  # (path, Authorization header)
-
-    def do_HEAD(self):  # noqa: N802 (http.server's naming)
-        self.do_GET()
-
-    def do_GET(self):  # noqa: N802
-        path = urllib.parse.urlparse(self.path).path
-        self.requests.append((path, self.headers.get("Authorization", "")))
-        api, resolve = f"/api/datasets/{REPO}", f"/datasets/{REPO}/resolve/"
-        if self.refuse:
-            status, code = self.refuse
-            return self._send(status, b'{"error": "restricted"}', {"X-Error-Code": code})
-        if path == api or path.startswith(f"{api}/revision/"):
-            info = {"id": REPO, "sha": COMMIT, "siblings": [{"rfilename": f} for f in self.files]}
-            return self._send(200, json.dumps(info).encode())
-        if path.startswith(f"{api}/tree/"):
-            tree = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest(),
-                     "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 130}}
-                    for f, d in self.files.items()]
-            return self._send(200, json.dumps(tree).encode())
-        if path.startswith(resolve):
-            data = self.files.get(urllib.parse.unquote(path[len(resolve):].partition("/")[2]))
-            if data is not None:
-                return self._send(200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'},
-                                  content_type="application/octet-stream")
-        return self._send(404, b"{}", {"X-Error-Code": "EntryNotFound"})
-
-    def _send(self, status, body, headers=None, content_type="application/json"):
-        self.send_response(status)
-        for key, value in {"Content-Type": content_type, **(headers or {})}.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def fake_hub(hf_env, monkeypatch):
-    """Online mode against a local fake Hub: ``fake_hub(files=..., refuse=...)`` starts one and points
-    huggingface_hub at it. The shared HTTP client is reset so it sees NO_PROXY; telemetry is off, as
-    huggingface_hub would otherwise also fetch its agent registry from the endpoint."""
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    close_session()
-    servers = []
-
-    def point_at(port: int) -> None:
-        endpoint = f"http://127.0.0.1:{port}"
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-
-    def start(files=None, refuse=None):
-        handler = type("Hub", (_FakeHub,), {"files": files or {}, "refuse": refuse, "requests": []})
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        point_at(server.server_address[1])
-        return handler
-
-    start.point_at = point_at
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-    close_session()
-
-
 def test_hf_online_downloads_into_the_cache_then_works_offline(fake_hub, hf_env, phantom_zips, tmp_path, capsys,
                                                                monkeypatch):
     hub = fake_hub(files={**phantom_zips, "README.md": b"# APE-data"})

@@ -2,14 +2,12 @@
 reachability check against a closed port and a local server that answers 404. Nothing leaves the machine."""
 
 import hashlib
-import http.server
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -229,64 +227,25 @@ def test_offline_variable_set_after_import_counts(monkeypatch):
     assert hub_unreachable_reason(SD_REPO, "model", COMMIT, timeout_s=0.1) == "HF_HUB_OFFLINE=1 is set"
 
 
-@pytest.fixture
-def online(monkeypatch):
-    """Online mode against ``http://127.0.0.1:<port>``: ``online(port)`` points huggingface_hub there."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-    def point_at(port: int) -> None:
-        endpoint = f"http://127.0.0.1:{port}"
-        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-
-    return point_at
-
-
-def test_closed_port_is_unreachable_within_the_timeout(online):
+def test_closed_port_is_unreachable_within_the_timeout(fake_hub):
     with socket.socket() as probe:  # a port that was free a moment ago: connections are refused
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    online(port)
+    fake_hub.point_at(port)
     started = time.perf_counter()
     reason = hub_unreachable_reason(SD_REPO, "model", COMMIT, timeout_s=2.0)
     assert time.perf_counter() - started < 2.0
     assert reason is not None and reason.startswith("the Hugging Face Hub cannot be reached (") and "2 s)" in reason
 
 
-class _UnknownRevision(http.server.BaseHTTPRequestHandler):
-    """A Hub that answers every GET: 404, no such revision."""
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        body = b'{"error": "Invalid rev id"}'
-        self.send_response(404)
-        self.send_header("X-Error-Code", "RevisionNotFound")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_hub_that_answers_with_an_error_is_not_called_unreachable(tmp_path, online, monkeypatch):
+def test_hub_that_answers_with_an_error_is_not_called_unreachable(tmp_path, fake_hub, monkeypatch):
     """An HTTP error is an OSError too: it must reach the user as the Hub's answer, with the fix and the
     switch, not as a network problem and not as a traceback."""
     secret = "hf_thisIsNotARealTokenButMustNotLeak"
     monkeypatch.setenv("HF_TOKEN", secret)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UnknownRevision)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    online(server.server_address[1])
-    try:
-        with pytest.raises(HubError) as exc:
-            fetch_pretrained(as_params(_maisi_params("")).vae, tmp_path / "pretrained", tmp_path / "empty-cache")
-    finally:
-        server.shutdown()
-        server.server_close()
+    fake_hub(refuse=(404, "RevisionNotFound"))  # every request: no such revision
+    with pytest.raises(HubError) as exc:
+        fetch_pretrained(as_params(_maisi_params("")).vae, tmp_path / "pretrained", tmp_path / "empty-cache")
     message = str(exc.value)
     assert "RevisionNotFoundError, HTTP 404" in message and "vae.maisi.hub.repo and .revision" in message
     assert "cannot be reached" not in message and "dvc exp run -S vae.pretrained=false" in message
