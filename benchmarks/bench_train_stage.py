@@ -22,17 +22,16 @@ import time
 from pathlib import Path
 
 import torch
+from bench_train import RELEASED  # the released architectures (run as a script: benchmarks/ is on the path)
 
 from ctdiff.fetch import fetch_data
 from ctdiff.io import atomic_dir
-from ctdiff.params import MaisiArchParams, SdArchParams, load_params
+from ctdiff.params import load_params
 from ctdiff.preprocess import preprocess
 from ctdiff.train import train
 from ctdiff.vae.load import new_codec, save_weights, write_manifest
 from ctdiff.vae.maisi import maisi_config
 from ctdiff.vae.sd import sd_scratch_config
-
-RELEASED_SD = SdArchParams(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 
 
 def main() -> None:
@@ -43,8 +42,8 @@ def main() -> None:
     params = load_params(args.params)
     params = dataclasses.replace(params, vae=dataclasses.replace(params.vae, use_maisi=args.maisi))
     vae = params.vae
-    config = maisi_config(MaisiArchParams(), vae.latent_channels) if args.maisi else \
-        sd_scratch_config(RELEASED_SD, vae.latent_channels)
+    config = maisi_config(RELEASED["maisi"], vae.latent_channels) if args.maisi else \
+        sd_scratch_config(RELEASED["sd"], vae.latent_channels)
 
     with tempfile.TemporaryDirectory(prefix="bench_train_stage_") as tmp:
         root = Path(tmp)
