@@ -405,7 +405,8 @@ class Validation:
             for case, (_, target) in zip(self.cases, self.latents):
                 depth = min(target.shape[1], self.sampler.latent_patch[0])
                 start = (target.shape[1] - depth) // 2
-                target_hu = torch.from_numpy(case.load("target")[start * fd:(start + depth) * fd].astype(np.float32))
+                target_hu = torch.from_numpy(case.load("target", mmap=True)[start * fd:(start + depth) * fd]
+                                             .astype(np.float32))  # the block only, not the whole volume
                 recon_hu = self.vae.decode_hu(target[None, :, start:start + depth], target_hu.shape)[0, 0].cpu()
                 values.append(psnr(self.vae.hu_to_x01(recon_hu), self.vae.hu_to_x01(target_hu)))
             self.psnr = float(np.mean(values))
