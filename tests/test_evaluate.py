@@ -11,10 +11,11 @@ from trainkit import tiny_params, workspace
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.denoiser import build_unet
-from ctdiff.evaluate import WindowedDenoiser, evaluate, load_trained_model, predict
+from ctdiff.evaluate import GAIN_KEY, WindowedDenoiser, case_consistency, evaluate, load_trained_model, predict
 from ctdiff.grid import Grid
 from ctdiff.metrics import METRIC_NAMES
 from ctdiff.params import params_from_dict, to_dict
+from ctdiff.rungs import RUNGS
 from ctdiff.train import train
 
 
@@ -38,10 +39,13 @@ def test_stage_outputs(trained):
     tmp, params, ws = trained
     live_dir, pred_dir = tmp / "dvclive" / "evaluate", tmp / "data" / "predictions"
     metrics = evaluate(params, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], live_dir, pred_dir, progress=False)
-    for arm in ("model", "baseline", "baseline_bspline", "vae_ceiling"):
+    for arm in RUNGS:
         assert set(metrics[arm]) == set(METRIC_NAMES)
         assert all(np.isfinite(v) for v in metrics[arm].values())
     assert metrics["sampling"]["seconds_per_volume"] > 0
+    for name in ("psnr_body", "mae_hu_body"):
+        gain = metrics[GAIN_KEY][name]
+        assert gain["ci95_low"] <= gain["mean"] <= gain["ci95_high"] and gain["cases"] == 1
     summary = json.loads((live_dir / "metrics.json").read_text())
     assert summary["vae"]["weights"]["source"] == "scratch"
     test_ids = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"]
@@ -63,6 +67,29 @@ def test_stage_outputs(trained):
     source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
     clip = np.clip(source, -1000, 1000).astype(float) - np.clip(target, -1000, 1000)
     assert float(rows[0]["baseline_mae_hu"]) == pytest.approx(np.abs(clip).mean(), rel=1e-3)
+    # What data/predictions holds is the projected model: it reproduces series 1 through the slab operator.
+    meta = json.loads((case_dir / "meta.json").read_text())
+    operator, measured = case_consistency(meta, np.load(case_dir / "series1.npy"), "box")
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{sorted(test_ids)[0]}.nii.gz"))).astype(np.float32)
+    np.testing.assert_allclose(operator.forward(saved), measured, atol=0.6)
+    consistent = operator.project(source.astype(np.float32), measured)
+    clip = np.clip(consistent, -1000, 1000) - np.clip(target, -1000, 1000)
+    assert float(rows[0]["baseline_consistent_mae_hu"]) == pytest.approx(np.abs(clip).mean(), rel=1e-3)
+
+
+def test_raw_model_and_averaged_samples(trained):
+    """consistency=false makes `model` the raw decode; samples=2 averages two draws of the same stream."""
+    tmp, params, ws = trained
+    raw = with_evaluate(params, consistency=False, samples=2, bspline_baseline=False)
+    metrics = evaluate(raw, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], tmp / "raw_live", tmp / "raw_pred",
+                       progress=False)
+    assert metrics["model"] == metrics["model_raw"] and "baseline_bspline" not in metrics
+    assert metrics["sampler"]["samples"] == 2
+    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    source = np.load(ws["processed_dir"] / sorted(json.loads(
+        (ws["processed_dir"] / "splits.json").read_text())["test"])[0] / "source.npy")
+    one, two = predict(model, params, source, seed=3), predict(model, raw, source, seed=3)
+    assert not np.allclose(one, two)
 
 
 def test_sampling_is_seeded_and_works_past_the_training_patch(trained, single_torch_thread):  # noqa: F811

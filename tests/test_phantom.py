@@ -1,6 +1,7 @@
 """Phantom generator: anatomy in realistic HU, emboli, the physics of the thick series, the zip layout
 and DICOM that SimpleITK reads back with the right geometry."""
 
+import dataclasses
 import io
 import math
 import zipfile
@@ -11,21 +12,25 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from ctdiff.params import ParamsError, PhantomParams
+from ctdiff.params import ParamsError, PhantomParams, params_from_dict
 from ctdiff.phantom import (
     HU_AIR,
     HU_RANGES,
     Tissue,
     ape_case_numbers,
+    case_zip_members,
     make_case,
     slab_slices,
+    write_case_zip,
     write_phantom_dataset,
 )
 
 SEED = 7
-# 8 mm pixels keep the default 320 mm field of view (so anatomy at its real size) on a small grid.
-SMALL = PhantomParams(n_cases=3, shape=(24, 40, 40), pixel_mm=8.0)
-FINE = PhantomParams(n_cases=3, shape=(24, 64, 64), pixel_mm=5.0)
+# The default mode (adult anatomy, 0.8 mm pixels, crop centred on a hilum) on a smaller crop.
+SMALL = PhantomParams(n_cases=3, shape=(24, 48, 48))
+# The whole-chest, low-resolution mode: a 320 mm field of view centred on the body.
+WHOLE = PhantomParams(n_cases=3, shape=(24, 64, 64), pixel_mm=5.0, centre="body")
+MEDIASTINUM = [Tissue.FAT, Tissue.SOFT_TISSUE, Tissue.BLOOD, Tissue.HEART]
 
 
 def _eroded(mask: np.ndarray) -> np.ndarray:
@@ -97,8 +102,8 @@ def test_simpleitk_reads_both_series_with_the_phantom_geometry(extracted):
     thick, thick_reader = _read_series(folder / "1")
     thin, thin_reader = _read_series(folder / "2")
 
-    assert thin.GetSpacing() == pytest.approx(case.thin_spacing_mm) == (8.0, 8.0, 1.0)
-    assert thick.GetSpacing() == pytest.approx(case.thick_spacing_mm) == (8.0, 8.0, 5.0)
+    assert thin.GetSpacing() == pytest.approx(case.thin_spacing_mm) == (0.8, 0.8, 1.0)
+    assert thick.GetSpacing() == pytest.approx(case.thick_spacing_mm) == (0.8, 0.8, 5.0)
     assert thin.GetOrigin() == pytest.approx(case.thin_origin_mm)
     assert thick.GetOrigin() == pytest.approx(case.thick_origin_mm)
     assert thin.GetDirection() == pytest.approx(case.direction) == thick.GetDirection()
@@ -111,6 +116,8 @@ def test_simpleitk_reads_both_series_with_the_phantom_geometry(extracted):
     assert tag(thin_reader, "0020|000d") == tag(thick_reader, "0020|000d")  # StudyInstanceUID
     assert tag(thin_reader, "0020|000e") != tag(thick_reader, "0020|000e")  # SeriesInstanceUID
     assert tag(thin_reader, "0010|0010") == f"PHANTOM^CASE{number:03d}"
+    assert float(tag(thick_reader, "0018|0050")) == case.thick_thickness_mm == 5.0  # SliceThickness
+    assert float(tag(thin_reader, "0018|0050")) == 1.0
 
     # The stored HU are the generated ones, on the writer's storage grid (intercept -1024, uint16).
     def stored(hu):
@@ -162,8 +169,8 @@ def test_thin_series_has_z_detail_that_the_thick_one_loses():
 
 
 @pytest.mark.parametrize("number", [1, 2, 3])
-def test_tissues_have_realistic_hu(number):
-    case = make_case(number, FINE, SEED, ape=False)
+def test_tissues_have_realistic_hu_in_the_whole_chest_mode(number):
+    case = make_case(number, WHOLE, SEED, ape=False)
     hu, labels = case.truth_hu, case.labels
     lung = hu[_eroded(labels == Tissue.LUNG)]
     assert lung.mean() == pytest.approx(-850, abs=60)
@@ -195,8 +202,7 @@ def test_ape_cases_have_filling_defects_inside_arteries_and_non_ape_none(number)
     # ...and they only ever lower the density (a filling defect), nowhere else is anything changed.
     changed = ape.truth_hu != healthy.truth_hu
     assert changed.any() and np.all(ape.truth_hu[changed] < healthy.truth_hu[changed])
-    assert np.all(np.isin(healthy.labels[changed], [Tissue.ARTERY, Tissue.LUNG, Tissue.SOFT_TISSUE,
-                                                    Tissue.HEART, Tissue.BLOOD, Tissue.AIRWAY]))
+    assert np.all(np.isin(healthy.labels[changed], [Tissue.ARTERY, Tissue.LUNG, *MEDIASTINUM, Tissue.AIRWAY]))
     core = ape.truth_hu[emboli].min()
     assert core < 120  # the defect's own density (40..60 HU) shows at its core
     assert healthy.truth_hu[emboli].mean() - ape.truth_hu[emboli].mean() > 100
@@ -233,9 +239,143 @@ def test_slab_must_hold_whole_thin_slices():
         make_case(1, PhantomParams(shape=(4, 32, 32), pixel_mm=10.0), SEED, ape=False)
 
 
-def test_default_phantom_is_fast():
-    import time
+# ------------------------------------------------------------------------ CT-scale anatomy and crops
+def test_anatomy_is_adult_sized_whatever_the_pixel_size():
+    """The same patient at two pixel sizes over the same field of view: the artery lumen has the same
+    size in mm (not in pixels), and so has the body in the whole-chest mode."""
+    fine = make_case(1, PhantomParams(shape=(24, 96, 96), pixel_mm=0.8), SEED, ape=False)
+    coarse = make_case(1, PhantomParams(shape=(24, 48, 48), pixel_mm=1.6), SEED, ape=False)
+    assert fine.crop_centre_mm == pytest.approx(coarse.crop_centre_mm)
+    k = fine.truth_hu.shape[0] // 2
 
-    start = time.perf_counter()
-    make_case(1, PhantomParams(), SEED, ape=True)
-    assert time.perf_counter() - start < 2.0  # 12 of these make the default dataset
+    def artery_mm2(case) -> float:
+        return float((case.labels[k] == Tissue.ARTERY).sum()) * case.thin_spacing_mm[0] ** 2
+
+    assert artery_mm2(fine) > 200  # several vessels, a few hundred mm^2
+    assert artery_mm2(coarse) == pytest.approx(artery_mm2(fine), rel=0.15)
+
+    def body_width_mm(p: PhantomParams) -> float:
+        case = make_case(1, p, SEED, ape=False)
+        row = case.labels[case.labels.shape[0] // 2, case.labels.shape[1] // 2]
+        return float((row != Tissue.AIR).sum()) * p.pixel_mm
+
+    width = body_width_mm(WHOLE)
+    assert 250 <= width <= 300  # 2 * (128..148 mm) at body_mm = 320
+    assert body_width_mm(PhantomParams(shape=(24, 128, 128), pixel_mm=2.5, centre="body")) == pytest.approx(width,
+                                                                                                        abs=5.0)
+    assert body_width_mm(PhantomParams(shape=(24, 64, 64), pixel_mm=2.5, centre="body", body_mm=160.0)) == (
+        pytest.approx(width / 2, abs=5.0))
+
+
+@pytest.mark.parametrize("number", [1, 2, 3])
+def test_default_crop_shows_hilar_arteries_lung_and_mediastinum(number):
+    case = make_case(number, PhantomParams(), SEED, ape=False)
+    assert case.truth_hu.shape == (48, 96, 96) and case.thin_spacing_mm == (0.8, 0.8, 1.0)
+    assert case.view in ("left hilum", "right hilum")
+    labels, hu = case.labels, case.truth_hu
+
+    def fraction(*tissues: Tissue) -> float:
+        return float(np.isin(labels, tissues).mean())
+
+    assert fraction(Tissue.ARTERY) > 0.03
+    assert fraction(Tissue.LUNG) > 0.25
+    assert fraction(*MEDIASTINUM) > 0.1
+    assert fraction(Tissue.SOFT_TISSUE) > 0.005
+    assert fraction(Tissue.AIR) == 0.0  # inside the chest
+    artery = hu[_eroded(labels == Tissue.ARTERY)]
+    assert artery.size > 5000 and 250 <= np.median(artery) <= 350
+    assert hu[_eroded(labels == Tissue.LUNG)].mean() == pytest.approx(-850, abs=60)
+    assert -120 <= np.median(hu[_eroded(labels == Tissue.FAT)]) <= -80
+    # Arteries in every slice (the crop sits at the hila in z too), and wide ones: the main and lobar arteries.
+    assert np.all((labels == Tissue.ARTERY).any(axis=(1, 2)))
+    assert _eroded(_eroded(_eroded(labels == Tissue.ARTERY))).any()  # some lumen >= 7 px (5.6 mm) across
+
+
+def test_both_hila_are_chosen_and_the_crop_can_be_placed():
+    views = {make_case(n, SMALL, SEED, ape=False).view for n in range(1, 7)}
+    assert views == {"left hilum", "right hilum"}
+    body = make_case(1, dataclasses.replace(SMALL, centre="body"), SEED, ape=False)
+    shifted = make_case(1, dataclasses.replace(SMALL, centre=(30.0, -20.0)), SEED, ape=False)
+    assert body.view == "body" and shifted.view == "30, -20 mm from body"
+    assert np.subtract(shifted.crop_centre_mm, body.crop_centre_mm) == pytest.approx((30.0, -20.0, 0.0), abs=0.02)
+    assert body.truth_hu.shape == shifted.truth_hu.shape == SMALL.shape
+    assert params_from_dict({"data": {"phantom": {"centre": [30, -20]}}}).data.phantom.centre == (30.0, -20.0)
+
+
+@pytest.mark.parametrize("number", sorted(ape_case_numbers(PhantomParams(), SEED))[:2])
+def test_default_ape_cases_have_emboli_inside_the_crop(number):
+    ape = make_case(number, PhantomParams(), SEED, ape=True)
+    healthy = make_case(number, PhantomParams(), SEED, ape=False)
+    emboli = ape.labels == Tissue.EMBOLUS
+    assert ape.n_emboli >= 1 and emboli.sum() >= 20  # several voxels at 0.8 mm
+    assert np.all(healthy.labels[emboli] == Tissue.ARTERY)
+    assert healthy.truth_hu[emboli].mean() - ape.truth_hu[emboli].mean() > 100
+
+
+def test_whole_chest_mode_still_works():
+    p = PhantomParams(n_cases=3, shape=(48, 64, 64), pixel_mm=5.0, centre="body")
+    case = make_case(1, p, SEED, ape=True)
+    assert case.view == "body" and case.n_emboli >= 1 and (case.labels == Tissue.EMBOLUS).any()
+    assert np.all(case.truth_hu[:, :2, :] == HU_AIR) and np.all(case.truth_hu[:, :, -2:] == HU_AIR)
+    lung = case.labels == Tissue.LUNG
+    half = lung.shape[2] // 2
+    assert lung[..., :half].mean() > 0.05 and lung[..., half:].mean() > 0.05  # both lungs in view
+    # The body centre is in the middle of the image.
+    assert case.crop_centre_mm[:2] == pytest.approx((0.0, 0.0), abs=8.5)
+
+
+def test_bad_crop_and_spacing_values_name_the_key():
+    for value in (2.5, 0.5, -5.0):  # not whole thin slices, under one thin slice, negative
+        with pytest.raises(ParamsError, match="data.phantom.thick_spacing_mm"):
+            PhantomParams(thick_spacing_mm=value)
+    with pytest.raises(ParamsError, match="data.phantom.thick_spacing_mm"):
+        params_from_dict({"data": {"phantom": {"thick_spacing_mm": 1.5}}})
+    for centre in ("lung", (1.0, 2.0, 3.0), (float("nan"), 0.0)):
+        with pytest.raises(ParamsError, match="data.phantom.centre"):
+            PhantomParams(centre=centre)
+    with pytest.raises(ParamsError, match="data.phantom.centre"):
+        params_from_dict({"data": {"phantom": {"centre": "lung"}}})
+    with pytest.raises(ParamsError, match="data.phantom.body_mm"):
+        PhantomParams(body_mm=0.0)
+
+
+@pytest.mark.parametrize(("spacing", "starts"), [(2.0, range(0, 19, 2)), (7.0, (2, 9, 16)), (5.0, (2, 7, 12, 17))])
+def test_thick_slabs_overlap_or_leave_gaps_as_spaced(spacing, starts):
+    """24 thin slices, 5 mm slabs: 2 mm spacing overlaps (10 slabs), 7 mm leaves 2 mm gaps (3 slabs,
+    centred), 5 mm (= the default 0) is contiguous."""
+    p = dataclasses.replace(SMALL, thick_spacing_mm=spacing)
+    case = make_case(1, p, SEED, ape=False)
+    n = 5
+    assert case.slab_slices == n and case.slab_step == round(spacing)
+    assert list(case.slab_starts) == list(starts) and case.slab_start == starts[0]
+    assert case.thick_spacing_mm == pytest.approx((0.8, 0.8, spacing)) and case.thick_thickness_mm == 5.0
+    expected = np.stack([case.truth_hu[k : k + n].mean(axis=0) for k in starts])
+    np.testing.assert_allclose(case.thick_truth_hu, expected, atol=1e-3)
+    assert case.thick_origin_mm[2] == pytest.approx(case.thin_origin_mm[2] + starts[0] + (n - 1) / 2)
+    used = np.zeros(24, int)
+    for k in starts:
+        used[k : k + n] += 1
+    if spacing < n:
+        assert used.max() > 1  # thin slices shared by consecutive slabs
+    if spacing > n:
+        assert np.count_nonzero(used[starts[0] : starts[-1] + n] == 0) == 2 * (len(starts) - 1)  # the gaps
+    residual = case.thick_hu - case.thick_truth_hu
+    assert residual.std() == pytest.approx(p.noise_hu / math.sqrt(n), rel=0.1)
+    if spacing == 5.0:
+        contiguous = make_case(1, SMALL, SEED, ape=False)
+        np.testing.assert_array_equal(case.thick_hu, contiguous.thick_hu)
+
+
+def test_overlapping_thick_series_in_dicom_has_its_thickness_and_spacing(tmp_path):
+    p = dataclasses.replace(SMALL, thick_spacing_mm=3.0)
+    case = make_case(1, p, SEED, ape=False)
+    zip_path = tmp_path / f"{case.case_id}.zip"
+    write_case_zip(zip_path, case_zip_members(case, SEED))
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path)
+    thick, reader = _read_series(tmp_path / case.case_id / "1")
+    assert thick.GetSize()[2] == case.thick_hu.shape[0] == (24 - 5) // 3 + 1
+    assert thick.GetSpacing()[2] == pytest.approx(3.0)
+    assert thick.GetOrigin() == pytest.approx(case.thick_origin_mm)
+    assert float(reader.GetMetaData(0, "0018|0050")) == 5.0
+

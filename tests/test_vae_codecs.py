@@ -1,6 +1,9 @@
 """The SD and MAISI latent codecs: shapes on odd sizes, intensity mapping, tiling, strict manifest loading."""
 
 import io
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,3 +178,20 @@ def test_maisi_num_splits_changes_memory_not_results():
     small, _ = _codec(True, **{"maisi.num_splits": 2})  # tile 16: deepest 4, pieces of 2
     with pytest.raises(ValueError, match="vae.maisi.tile"):
         small.decode_hu(latent, (32, 32, 32))
+
+
+def test_loading_prints_no_install_accelerate_hint(tmp_path):
+    """diffusers' "install accelerate" hint used to open the log of every stage that loads the SD VAE.
+    A fresh interpreter: diffusers' log handler keeps the stderr it found at import, which pytest swaps."""
+    codec, vae = _codec(False)
+    files = save_weights(codec, tmp_path)
+    write_manifest(tmp_path, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]}, 0.5)
+    script = ("import sys, json; from ctdiff.params import params_from_dict; from ctdiff.vae.load import load_codec; "
+              "from pathlib import Path; vae = params_from_dict(json.loads(sys.argv[2])).vae; "
+              "load_codec(Path(sys.argv[1]), vae); print('loaded')")
+    raw = {"vae": {"use_maisi": False, "pretrained": False, "latent_channels": vae.latent_channels,
+                   "sd": {"scratch": dict(vae.sd.scratch.__dict__)}}}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), json.dumps(raw, default=list)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "loaded" and "accelerate" not in out.stderr + out.stdout

@@ -1,15 +1,13 @@
 """The evaluate stage: the trained model against the honest baselines, on the test split.
 
-For every test case (``data/processed``, never seen by vae_fit's training or the train stage):
-
-- ``model``: series 2 sampled from series 1 (DDIM for a DDPM-trained model, Euler steps for rectified
-  flow; fixed seed), decoded to HU. Volumes larger than the training patch are sampled window by window
-  (MONAI ``SlidingWindowInferer`` around the UNet at every step, Gaussian blending), so any size works.
-- ``baseline``: series 1 linearly interpolated onto series 2's grid (``source.npy``, what a reader gets
-  without the model); ``baseline_bspline``: the same with a cubic B-spline, from series 1 as acquired.
-- ``vae_ceiling``: series 2 encoded and decoded by the VAE: the best the latent space allows.
-
-Each gets ``psnr``, ``ssim``, ``mae_hu`` and ``*_body`` (:mod:`ctdiff.metrics`) against series 2.
+For every test case (``data/processed``, never seen by vae_fit's training or the train stage) one latent
+is sampled from series 1 (DDIM for a DDPM-trained model, Euler steps for rectified flow; fixed seed;
+``evaluate.samples`` of them averaged) and decoded; volumes larger than the training patch are sampled
+window by window (MONAI ``SlidingWindowInferer`` around the UNet at every step, Gaussian blending), so
+any size works. Every rung of the ladder (:mod:`ctdiff.rungs`: model, model_raw, the baselines raw and
+projected onto series 1's slabs, the VAE ceiling raw and projected) is built from that one decode and
+scored (:mod:`ctdiff.scoring`) against series 2 with ``psnr``, ``ssim``, ``mae_hu`` and ``*_body``; the
+paired per-case gain of ``model`` over ``baseline_consistent`` gets a seeded bootstrap interval.
 """
 
 from __future__ import annotations
@@ -19,13 +17,13 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-from matplotlib.figure import Figure
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 from tqdm import tqdm
@@ -35,12 +33,17 @@ from ctdiff.denoiser import build_unet, crop_latent, pad_latent
 from ctdiff.device import pick_device
 from ctdiff.diffusion import sample, sampling_scheduler
 from ctdiff.grid import Grid, image_from_array, resample, to_int16_hu
+from ctdiff.images import ladder_panel
 from ctdiff.io import atomic_dir, atomic_write_text
 from ctdiff.latents import VaeAdapter, latent_patch_shape
-from ctdiff.metrics import METRIC_NAMES, atomic_live, mean_metrics, reconstruction_metrics
+from ctdiff.metrics import METRIC_NAMES, atomic_live
 from ctdiff.params import Params
+from ctdiff.rungs import build_ladder
+from ctdiff.scoring import paired_gains, score_rungs, summarise
+from ctdiff.slab import SlabOperator
 
 CHECKPOINTS = ("best.pt", "last.pt")  # best by val loss; last when no validation improved on the first
+GAIN_KEY = "model_minus_baseline_consistent"  # paired per-case gain of the model over the honest baseline
 
 
 @dataclass
@@ -91,7 +94,11 @@ def load_trained_model(params: Params, vae_dir: Path, ckpt_dir: Path, device: to
 
 @torch.no_grad()
 def predict(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int) -> np.ndarray:
-    """Sample series 2 given series 1 on its grid: (D, H, W) HU in, (D, H, W) float32 HU out."""
+    """Sample series 2 given series 1 on its grid: (D, H, W) HU in, (D, H, W) float32 HU out.
+
+    With ``evaluate.samples`` > 1 the decoded samples (one seeded stream, successive draws) are averaged
+    in HU: an estimate of the posterior mean, which is what PSNR and MAE reward.
+    """
     device = next(model.unet.parameters()).device
     hu = torch.from_numpy(source_hu.astype(np.float32))[None, None].to(device)
     # The posterior mean conditions sampling: the deterministic code of series 1.
@@ -104,9 +111,12 @@ def predict(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: in
         denoiser = WindowedDenoiser(model.unet, roi, params.evaluate.overlap)
     generator = torch.Generator(device=device).manual_seed(seed)
     scheduler = sampling_scheduler(params.train, params.evaluate.steps)
-    latent = sample(denoiser, scheduler, condition, generator=generator)
-    latent = crop_latent(latent, latent_shape) / model.scale_factor
-    return model.vae.decode_hu(latent, source_hu.shape)[0, 0].float().cpu().numpy()
+    total = np.zeros(source_hu.shape, np.float64)
+    for _ in range(params.evaluate.samples):
+        latent = sample(denoiser, scheduler, condition, generator=generator)
+        latent = crop_latent(latent, latent_shape) / model.scale_factor
+        total += model.vae.decode_hu(latent, source_hu.shape)[0, 0].float().cpu().numpy()
+    return (total / params.evaluate.samples).astype(np.float32)
 
 
 @torch.no_grad()
@@ -117,33 +127,11 @@ def vae_round_trip(vae: VaeAdapter, hu: np.ndarray) -> np.ndarray:
     return vae.decode_hu(vae.encode_posterior_hu(x).mean, hu.shape)[0, 0].float().cpu().numpy()
 
 
-def panel(columns: list[tuple[str, np.ndarray]], truth_hu: np.ndarray, spacing_mm: tuple[float, ...],
-          window_hu: tuple[float, float], title: str) -> Figure:
-    """Axial and coronal mid-planes of each (label, (D, H, W) HU) column, then |first column - truth| in HU.
-
-    Coronal planes are shown head up (the k axis runs inferior to superior in LPS) with the slice
-    spacing as aspect ratio, so thick slabs look as thick as they are.
-    """
-    sx, sy, sz = spacing_mm
-    d, h, _ = truth_hu.shape
-    error = np.abs(columns[0][1].astype(np.float32) - truth_hu.astype(np.float32))
-    views = [("axial", lambda v: v[d // 2], sy / sx), ("coronal", lambda v: v[::-1, h // 2, :], sz / sx)]
-    shown = [*columns[1:], ("truth", truth_hu)]
-    fig = Figure(figsize=(2.4 * (len(shown) + 2), 5.2))
-    axes = fig.subplots(2, len(shown) + 2, squeeze=False)
-    for row, (view, cut, aspect) in enumerate(views):
-        for col, (label, volume) in enumerate([columns[0], *shown]):
-            axes[row, col].imshow(cut(volume), cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect,
-                                  interpolation="nearest")
-            axes[row, col].set_title(f"{view}: {label}", fontsize=8)
-        image = axes[row, -1].imshow(cut(error), cmap="magma", vmin=0, vmax=200, aspect=aspect, interpolation="nearest")
-        axes[row, -1].set_title(f"|{columns[0][0]} - truth| HU", fontsize=8)
-        fig.colorbar(image, ax=axes[row, -1], fraction=0.046, pad=0.04)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+def case_consistency(meta: dict, series1_hu: np.ndarray, profile: str) -> tuple[SlabOperator, np.ndarray]:
+    """Series 1's slab operator on the case's common grid and its measurements, from ``meta.json``."""
+    grid, grid1 = Grid.from_meta(meta["grid"]), Grid.from_meta(meta["series1"]["grid"])
+    operator = SlabOperator.for_case(grid, grid1, meta["series1"].get("slice_thickness"), profile)  # type: ignore[arg-type]
+    return operator, operator.measurements(series1_hu, grid1, grid)
 
 
 def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,
@@ -156,10 +144,8 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
         raise RuntimeError(f"{processed_dir}/splits.json has no test case: nothing to evaluate")
     device = pick_device(params.train.device)
     model = load_trained_model(params, vae_dir, ckpt_dir, device)
-    hu_range = params.vae.hu_range
-    arms = ["model", "baseline", *(["baseline_bspline"] if ep.bspline_baseline else []), "vae_ceiling"]
     rows: list[dict[str, Any]] = []
-    per_arm: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    per_case: list[dict[str, dict[str, float]]] = []
     seconds: list[float] = []
     with atomic_live(live_dir) as live, atomic_dir(pred_dir) as preds:
         for case_id in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
@@ -169,45 +155,52 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
             source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
             series1 = np.load(case_dir / "series1.npy")
             grid1 = Grid.from_meta(meta["series1"]["grid"])
+            operator, measured = case_consistency(meta, series1, ep.slab_profile)
 
             tic = time.perf_counter()
-            predicted = predict(model, params, source, params.seed)
+            model_raw = predict(model, params, source, params.seed)
             seconds.append(time.perf_counter() - tic)
-            volumes = {"model": predicted, "baseline": source.astype(np.float32)}
-            if ep.bspline_baseline:
-                volumes["baseline_bspline"] = resample(series1, grid1, grid, "bspline")
-            volumes["vae_ceiling"] = vae_round_trip(model.vae, target)
-
-            row: dict[str, Any] = {"case_id": case_id, "category": meta["category"], "seconds": seconds[-1]}
-            for arm in arms:
-                metrics = reconstruction_metrics(volumes[arm], target, hu_range)
-                per_arm[arm].append(metrics)
-                row.update({f"{arm}_{name}": value for name, value in metrics.items()})
+            bspline = resample(series1, grid1, grid, "bspline") if ep.bspline_baseline else None
+            ladder = build_ladder(model_raw, vae_round_trip(model.vae, target), source.astype(np.float32), bspline,
+                                  partial(operator.project, measured=measured), ep.consistency)
+            scores = score_rungs(ladder, target, params.vae.hu_range)
+            per_case.append(scores)
+            row: dict[str, Any] = {"case_id": case_id, "category": meta["category"], "seconds": seconds[-1],
+                                   "slabs": operator.n_slabs}
+            row.update({f"{rung}_{name}": value for rung, metrics in scores.items() for name, value in metrics.items()})
             rows.append(row)
 
             series1_shown = resample(series1, grid1, grid, "nearest")  # thick slabs as acquired
-            fig = panel([("model", predicted), ("series 1", series1_shown), ("baseline", volumes["baseline"])],
-                        target, grid.spacing_mm, ep.window_hu,
-                        f"{case_id} ({meta['category']}): model psnr_body {row['model_psnr_body']:.2f} dB, "
-                        f"baseline {row['baseline_psnr_body']:.2f} dB")
+            columns = [("model", ladder["model"]), ("model_raw", model_raw), ("series 1", series1_shown),
+                       ("baseline_consistent", ladder["baseline_consistent"])]
+            fig = ladder_panel(columns, target, grid.spacing_mm, ep.window_hu,
+                               f"{case_id} ({meta['category']}): psnr_body model {row['model_psnr_body']:.2f} dB, "
+                               f"model_raw {row['model_raw_psnr_body']:.2f}, baseline_consistent "
+                               f"{row['baseline_consistent_psnr_body']:.2f}, vae_ceiling_consistent "
+                               f"{row['vae_ceiling_consistent_psnr_body']:.2f}")
             buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=90)
+            fig.savefig(buf, format="png", dpi=80)
             png = Path(live.plots_dir) / "images" / f"{case_id}.png"
             png.parent.mkdir(parents=True, exist_ok=True)
             png.write_bytes(buf.getvalue())
             if ep.nifti:
-                sitk.WriteImage(image_from_array(to_int16_hu(predicted), grid), str(preds / f"{case_id}.nii.gz"),
-                                useCompression=True)
+                sitk.WriteImage(image_from_array(to_int16_hu(ladder["model"]), grid),
+                                str(preds / f"{case_id}.nii.gz"), useCompression=True)
 
-        summary = {arm: mean_metrics(per_arm[arm]) for arm in arms}
-        for arm, metrics in summary.items():
+        for rung, metrics in summarise(per_case).items():
             for name in METRIC_NAMES:
-                live.log_metric(f"{arm}/{name}", metrics[name], plot=False)
+                live.log_metric(f"{rung}/{name}", metrics[name], plot=False)
+        gains = paired_gains(per_case, "model", "baseline_consistent", params.seed)
+        for name, interval in gains.items():
+            for key, value in interval.items():
+                live.log_metric(f"{GAIN_KEY}/{name}/{key}", value, plot=False)
         live.log_metric("sampling/seconds_per_volume", float(np.mean(seconds)), plot=False)
         live.log_metric("cases", len(case_ids), plot=False)
         live.summary.update({"vae": {"codec": model.vae.name, "weights": model.vae.weights},
                              "checkpoint": model.checkpoint,
-                             "sampler": {"scheduler": params.train.scheduler, "steps": ep.steps}})
+                             "sampler": {"scheduler": params.train.scheduler, "steps": ep.steps,
+                                         "samples": ep.samples},
+                             "consistency": {"model_projected": ep.consistency, "profile": ep.slab_profile}})
         write_per_case_csv(Path(live.dir) / "per_case.csv", rows)
     return json.loads((live_dir / "metrics.json").read_text())
 

@@ -49,3 +49,36 @@ def orthogonal_panel(ref_hu: np.ndarray, pred_hu: np.ndarray, spacing_mm: Sequen
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def ladder_panel(columns: list[tuple[str, np.ndarray]], truth_hu: np.ndarray, spacing_mm: Sequence[float],
+                 window_hu: Sequence[float], title: str) -> Figure:
+    """Axial and coronal mid-planes of each (label, (D, H, W) HU) column, the truth, then |first - truth| HU.
+
+    Coronal planes are shown head up (the k axis runs inferior to superior in LPS) at the true aspect
+    ratio (slice spacing / pixel), each row as tall as its anatomy, so thick slabs look as thick as they
+    are and a thin series' z detail is visible.
+    """
+    sx, sy, sz = (float(s) for s in spacing_mm)
+    d, h, w = truth_hu.shape
+    error = np.abs(columns[0][1].astype(np.float32) - truth_hu.astype(np.float32))
+    views = [("axial", lambda v: v[d // 2], sy / sx), ("coronal", lambda v: v[::-1, h // 2, :], sz / sx)]
+    shown = [*columns, ("truth", truth_hu)]
+    heights = [h * sy / (w * sx), d * sz / (w * sx)]
+    width_in = 2.6
+    fig = Figure(figsize=(width_in * (len(shown) + 1) + 0.6, width_in * sum(heights) + 0.9))
+    axes = fig.subplots(2, len(shown) + 1, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for row, (view, cut, aspect) in enumerate(views):
+        for col, (label, volume) in enumerate(shown):
+            axes[row, col].imshow(cut(volume), cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect,
+                                  interpolation="nearest")
+            axes[row, col].set_title(f"{view}: {label}", fontsize=8)
+        image = axes[row, -1].imshow(cut(error), cmap="magma", vmin=0, vmax=ERROR_HU_MAX, aspect=aspect,
+                                     interpolation="nearest")
+        axes[row, -1].set_title(f"|{columns[0][0]} - truth| HU", fontsize=8)
+        fig.colorbar(image, ax=axes[row, -1], fraction=0.046, pad=0.04)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

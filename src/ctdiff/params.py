@@ -8,6 +8,7 @@ and rejects unknown keys, so a typo in ``dvc exp run -S`` fails loudly instead o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -25,13 +26,16 @@ class ParamsError(ValueError):
 # ---------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class PhantomParams:
-    n_cases: int = 12
+    n_cases: int = 20
     ape_fraction: float = 0.5
-    shape: tuple[int, int, int] = (48, 64, 64)  # thin series [slices, rows, cols]
-    pixel_mm: float = 5.0
+    shape: tuple[int, int, int] = (48, 96, 96)  # thin series [slices, rows, cols]
+    pixel_mm: float = 0.8
     thin_mm: float = 1.0
     thick_mm: float = 5.0
+    thick_spacing_mm: float = 0.0  # thick series slice spacing; 0 = thick_mm (contiguous slabs)
     noise_hu: float = 12.0
+    body_mm: float = 320.0  # chest width the anatomy is sized for (independent of the image)
+    centre: Literal["hilum", "body"] | tuple[float, float] = "hilum"  # in-plane crop centre; [x, y] = mm from body
 
     def __post_init__(self) -> None:
         _require(self.n_cases >= 1, "data.phantom.n_cases", "must be >= 1")
@@ -42,7 +46,27 @@ class PhantomParams:
         ratio = self.thick_mm / self.thin_mm
         _require(abs(ratio - round(ratio)) < 1e-6, "data.phantom.thick_mm",
                  f"must be a whole multiple of thin_mm (a thick slice averages whole thin slices), got {ratio:g}x")
+        step = self.thick_spacing_mm / self.thin_mm
+        _require(self.thick_spacing_mm == 0 or (step >= 1 - 1e-6 and abs(step - round(step)) < 1e-6),
+                 "data.phantom.thick_spacing_mm",
+                 f"must be 0 (= thick_mm) or a whole multiple >= 1 of thin_mm (slabs start on whole thin slices), "
+                 f"got {self.thick_spacing_mm:g} mm = {step:g}x thin_mm")
         _require(self.noise_hu >= 0, "data.phantom.noise_hu", "must be >= 0")
+        _require(self.body_mm > 0, "data.phantom.body_mm", "must be > 0")
+        if isinstance(self.centre, str):
+            _require(self.centre in ("hilum", "body"), "data.phantom.centre",
+                     f"must be hilum, body or [x, y] mm from the body centre, got {self.centre!r}")
+        else:
+            ok = isinstance(self.centre, (tuple, list)) and len(self.centre) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.centre)
+            _require(ok, "data.phantom.centre", f"must be hilum, body or [x, y] mm from the body centre, "
+                     f"got {self.centre!r}")
+            object.__setattr__(self, "centre", tuple(float(v) for v in self.centre))
+
+    @property
+    def thick_step_mm(self) -> float:
+        """Spacing of the thick series' slices: ``thick_spacing_mm``, or ``thick_mm`` when that is 0."""
+        return self.thick_spacing_mm or self.thick_mm
 
 
 @dataclass(frozen=True)
@@ -325,9 +349,13 @@ class EvaluateParams:
     bspline_baseline: bool = True  # also report series 1 B-spline-interpolated onto series 2's grid
     window_hu: tuple[float, float] = (-250.0, 450.0)  # display window of the PNG panels (CTPA: L 100, W 700)
     nifti: bool = True  # write predictions as .nii.gz under data/predictions/
+    samples: int = 1  # decoded samples averaged per volume (a posterior-mean estimate)
+    consistency: bool = True  # model = the decoded sample projected onto series 1's slabs; false: the raw decode
+    slab_profile: Literal["box", "triangle", "gaussian"] = "box"  # series 1's slice sensitivity profile
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "evaluate.steps", "must be >= 1")
+        _require(self.samples >= 1, "evaluate.samples", "must be >= 1")
         _require(self.max_cases >= 0, "evaluate.max_cases", "must be >= 0 (0 = all)")
         _require(0.0 <= self.overlap < 1.0, "evaluate.overlap", "must be in [0, 1)")
         _require(self.window_hu[0] < self.window_hu[1], "evaluate.window_hu", "must be [low, high]")

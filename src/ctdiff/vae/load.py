@@ -165,7 +165,11 @@ def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], wh
 def load_sd_module(weights_dir: Path) -> AutoencoderKL:
     """diffusers ``AutoencoderKL`` from a folder with config.json + safetensors; every key must match."""
     try:
-        module, info = AutoencoderKL.from_pretrained(weights_dir, use_safetensors=True, output_loading_info=True)
+        # low_cpu_mem_usage=False: without `accelerate` diffusers falls back to it anyway, but first prints
+        # an "install accelerate" hint in every stage that loads the VAE. Loading allocates the weights
+        # twice for a moment (2 x 335 MB for the released SD VAE), which every machine here can afford.
+        module, info = AutoencoderKL.from_pretrained(weights_dir, use_safetensors=True, output_loading_info=True,
+                                                     low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"{weights_dir}: diffusers could not load an AutoencoderKL: {exc}") from exc
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
