@@ -6,7 +6,14 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.denoiser import build_unet, crop_latent, pad_latent
-from ctdiff.diffusion import diffusion_loss, regression_target, sample, sampling_scheduler, training_scheduler
+from ctdiff.diffusion import (
+    LatentTarget,
+    diffusion_loss,
+    regression_target,
+    sample,
+    sampling_scheduler,
+    training_scheduler,
+)
 from ctdiff.params import TrainParams, UnetParams
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -77,8 +84,8 @@ def test_sampling_is_conditioned_shaped_and_reproducible(scheduler):
     assert not torch.allclose(a, c)  # the source latent reaches the output
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "rflow"])
-def test_a_converged_model_samples_its_target(scheduler):
+@pytest.mark.parametrize("scheduler, residual", [("ddpm", False), ("rflow", False), ("ddpm", True)])
+def test_a_converged_model_samples_its_target(scheduler, residual):
     """Train a tiny denoiser on one (source, target) pair until it knows it, then sample from noise.
 
     The end-to-end check the sampler needs: training parametrisation, scheduler and sampling loop must
@@ -90,13 +97,18 @@ def test_a_converged_model_samples_its_target(scheduler):
     unet, sched = build_unet(UNET, LATENT_CH), training_scheduler(tp)
     target = torch.randn(1, LATENT_CH, 4, 8, 8)
     source = target + 0.1 * torch.randn_like(target)  # series 1: close to series 2, not equal
+    # residual: the model generates the (unit-variance) change from the source, read back by the same object
+    what = LatentTarget(residual, gain=10.0)
+    x0 = what.x0(target, source)
+    torch.testing.assert_close(what.latent(x0, source), target)
     opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
     for _ in range(300):
-        loss = diffusion_loss(unet, sched, target.expand(8, -1, -1, -1, -1), source.expand(8, -1, -1, -1, -1))
+        loss = diffusion_loss(unet, sched, x0.expand(8, -1, -1, -1, -1), source.expand(8, -1, -1, -1, -1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    generated = sample(unet.eval(), sampling_scheduler(tp, 20), source, torch.Generator().manual_seed(1))
+    generated = what.latent(sample(unet.eval(), sampling_scheduler(tp, 20), source, torch.Generator().manual_seed(1)),
+                            source)
     rmse = (generated - target).pow(2).mean().sqrt().item()
     assert rmse < 0.4, f"sampled latent is {rmse:.3f} RMSE from the target it was trained on (noise: ~1.4)"
 

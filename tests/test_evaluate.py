@@ -11,9 +11,17 @@ from trainkit import tiny_params, workspace
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.denoiser import build_unet
-from ctdiff.evaluate import GAIN_KEY, WindowedDenoiser, case_consistency, evaluate, load_trained_model, predict
+from ctdiff.evaluate import (
+    GAIN_KEY,
+    WindowedDenoiser,
+    case_consistency,
+    evaluate,
+    load_trained_model,
+    predict,
+    vae_round_trip,
+)
 from ctdiff.grid import Grid
-from ctdiff.metrics import METRIC_NAMES
+from ctdiff.metrics import METRIC_NAMES, reconstruction_metrics
 from ctdiff.params import params_from_dict, to_dict
 from ctdiff.rungs import RUNGS
 from ctdiff.train import train
@@ -117,3 +125,22 @@ def test_windowed_denoiser_is_the_unet_when_one_window_covers_the_volume():
         tiled = WindowedDenoiser(unet, (4, 4, 4), overlap=0.5)(x, timesteps=t)
     torch.testing.assert_close(windowed, whole)
     assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
+
+
+def test_residual_model_and_decoded_change(tmp_path, single_torch_thread):  # noqa: F811
+    """train.residual: the checkpoint carries the gain and evaluate reads samples back as latents;
+    decode=change scores every decode as the change it makes to the baseline, the ceiling included."""
+    params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1, residual=True), steps=3, decode="change",
+                           bspline_baseline=False)
+    ws = workspace(tmp_path, params)
+    train(params, **ws, progress=False)
+    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    assert model.latent_target.residual and 0 < model.latent_target.gain != 1.0  # measured, stored, read back
+    metrics = evaluate(params, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], tmp_path / "live",
+                       tmp_path / "pred", progress=False)
+    assert metrics["sampler"]["residual"] and metrics["sampler"]["decode"] == "change"
+    case_dir = ws["processed_dir"] / json.loads((ws["processed_dir"] / "splits.json").read_text())["test"][0]
+    source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
+    ceiling = source + vae_round_trip(model.vae, target) - vae_round_trip(model.vae, source)
+    expected = reconstruction_metrics(ceiling, target, params.vae.hu_range)
+    assert metrics["vae_ceiling"]["psnr_body"] == pytest.approx(expected["psnr_body"], abs=1e-3)

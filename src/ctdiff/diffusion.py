@@ -20,6 +20,7 @@ Everything here works on *scaled* latents (unscaled latent x the scale factor, a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,28 @@ def sampling_scheduler(train: TrainParams, steps: int) -> Scheduler:
                                   prediction_type=_ddpm_prediction(train))
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+@dataclass(frozen=True)
+class LatentTarget:
+    """What the denoiser generates, from scaled latents (B, C, d, h, w): the target latent itself, or
+    (``residual``) its change from the source latent times ``gain`` (1 / std of that change over the
+    training latents, so the diffusion sees unit-variance data either way).
+
+    The change is small where interpolation is already right, so a residual model starts from "series 1
+    as it is" rather than from noise; the same idea as residual diffusion for image super-resolution.
+    """
+
+    residual: bool = False
+    gain: float = 1.0
+
+    def x0(self, z_target: torch.Tensor, z_source: torch.Tensor) -> torch.Tensor:
+        """The clean sample the diffusion is trained on."""
+        return (z_target - z_source) * self.gain if self.residual else z_target
+
+    def latent(self, x0: torch.Tensor, z_source: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`x0`: a generated sample back to a scaled target latent."""
+        return x0 / self.gain + z_source if self.residual else x0
 
 
 def _ddpm_prediction(train: TrainParams) -> str:

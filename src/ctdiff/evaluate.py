@@ -31,14 +31,14 @@ from tqdm import tqdm
 from ctdiff.checkpoint import load_checkpoint
 from ctdiff.denoiser import build_unet, crop_latent, pad_latent
 from ctdiff.device import pick_device
-from ctdiff.diffusion import sample, sampling_scheduler
+from ctdiff.diffusion import LatentTarget, sample, sampling_scheduler
 from ctdiff.grid import Grid, image_from_array, resample, to_int16_hu
 from ctdiff.images import ladder_panel
 from ctdiff.io import atomic_dir, atomic_write_text
 from ctdiff.latents import VaeAdapter, latent_patch_shape
 from ctdiff.metrics import METRIC_NAMES, atomic_live
 from ctdiff.params import Params
-from ctdiff.rungs import build_ladder
+from ctdiff.rungs import build_ladder, decoded_change
 from ctdiff.scoring import paired_gains, score_rungs, summarise
 from ctdiff.slab import SlabOperator
 
@@ -51,6 +51,7 @@ class TrainedModel:
     unet: nn.Module
     vae: VaeAdapter
     scale_factor: float
+    latent_target: LatentTarget
     latent_patch: tuple[int, int, int]
     checkpoint: dict[str, Any]  # name, step, epoch
 
@@ -88,7 +89,9 @@ def load_trained_model(params: Params, vae_dir: Path, ckpt_dir: Path, device: to
     unet.load_state_dict(ckpt["unet"])
     unet.to(device).eval()
     latent_patch = latent_patch_shape(params.train.patch, vae.downsample, params.train.unet.latent_multiple, vae.name)
-    return TrainedModel(unet, vae, float(ckpt["scale_factor"]), tuple(latent_patch),
+    latent_target = LatentTarget(bool(ckpt.get("train_params", {}).get("residual", False)),
+                                 float(ckpt.get("residual_gain") or 1.0))
+    return TrainedModel(unet, vae, float(ckpt["scale_factor"]), latent_target, tuple(latent_patch),
                         {"file": path.name, "step": int(ckpt["step"]), "epoch": int(ckpt["epoch"])})
 
 
@@ -113,7 +116,7 @@ def predict(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: in
     scheduler = sampling_scheduler(params.train, params.evaluate.steps)
     total = np.zeros(source_hu.shape, np.float64)
     for _ in range(params.evaluate.samples):
-        latent = sample(denoiser, scheduler, condition, generator=generator)
+        latent = model.latent_target.latent(sample(denoiser, scheduler, condition, generator=generator), condition)
         latent = crop_latent(latent, latent_shape) / model.scale_factor
         total += model.vae.decode_hu(latent, source_hu.shape)[0, 0].float().cpu().numpy()
     return (total / params.evaluate.samples).astype(np.float32)
@@ -160,8 +163,14 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
             tic = time.perf_counter()
             model_raw = predict(model, params, source, params.seed)
             seconds.append(time.perf_counter() - tic)
+            vae_ceiling = vae_round_trip(model.vae, target)
+            baseline = source.astype(np.float32)
+            if ep.decode == "change":
+                anchor = vae_round_trip(model.vae, source)
+                model_raw, vae_ceiling = decoded_change(model_raw, baseline, anchor), decoded_change(vae_ceiling,
+                                                                                                    baseline, anchor)
             bspline = resample(series1, grid1, grid, "bspline") if ep.bspline_baseline else None
-            ladder = build_ladder(model_raw, vae_round_trip(model.vae, target), source.astype(np.float32), bspline,
+            ladder = build_ladder(model_raw, vae_ceiling, baseline, bspline,
                                   partial(operator.project, measured=measured), ep.consistency)
             scores = score_rungs(ladder, target, params.vae.hu_range)
             per_case.append(scores)
@@ -199,7 +208,8 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
         live.summary.update({"vae": {"codec": model.vae.name, "weights": model.vae.weights},
                              "checkpoint": model.checkpoint,
                              "sampler": {"scheduler": params.train.scheduler, "steps": ep.steps,
-                                         "samples": ep.samples},
+                                         "samples": ep.samples, "decode": ep.decode,
+                                         "residual": model.latent_target.residual},
                              "consistency": {"model_projected": ep.consistency, "profile": ep.slab_profile}})
         write_per_case_csv(Path(live.dir) / "per_case.csv", rows)
     return json.loads((live_dir / "metrics.json").read_text())

@@ -191,6 +191,12 @@ class LatentCache:
                                      Posterior(t["target_mean"], t["target_std"])))
         return cls(cached)
 
+    def residual_std(self) -> float:
+        """Std of (target - source) latents sampled from the cached posteriors (independent draws)."""
+        diffs = torch.cat([(c.target.mean - c.source.mean).flatten() for c in self.cases]).double()
+        variances = torch.cat([(c.target.std.pow(2) + c.source.std.pow(2)).flatten() for c in self.cases]).double()
+        return float((diffs.var(unbiased=False) + variances.mean()).sqrt())
+
     def target_std(self) -> float:
         """Std of latents sampled from the cached target posteriors: sqrt(Var(mean) + E[std^2]) over all."""
         means = torch.cat([c.target.mean.flatten() for c in self.cases]).double()

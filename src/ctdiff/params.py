@@ -313,6 +313,7 @@ class TrainParams:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     scheduler: Literal["ddpm", "rflow"] = "ddpm"  # training noise process; sampling: DDIM for ddpm, RFlow for rflow
+    residual: bool = False  # generate the change of the target latent from the source latent, not the latent
     prediction: Literal["epsilon", "v"] = "v"  # ddpm only; rflow always predicts the velocity
     num_train_timesteps: int = 1000
     val_patches_per_volume: int = 8  # fixed patches (and noise, timesteps) per val volume
@@ -350,6 +351,7 @@ class EvaluateParams:
     window_hu: tuple[float, float] = (-250.0, 450.0)  # display window of the PNG panels (CTPA: L 100, W 700)
     nifti: bool = True  # write predictions as .nii.gz under data/predictions/
     samples: int = 1  # decoded samples averaged per volume (a posterior-mean estimate)
+    decode: Literal["sample", "change"] = "sample"  # change: baseline + D(z) - D(E(baseline)) (VAE errors cancel)
     consistency: bool = True  # model = the decoded sample projected onto series 1's slabs; false: the raw decode
     slab_profile: Literal["box", "triangle", "gaussian"] = "box"  # series 1's slice sensitivity profile
 

@@ -13,6 +13,11 @@ differences are the differences between the methods, not between draws:
 - ``vae_ceiling`` / ``vae_ceiling_consistent``: the truth encoded and decoded (the best the latent space
   holds), raw and projected.
 
+With ``evaluate.decode: change`` a decode ``D(z)`` enters the ladder as the change it makes to the
+baseline, ``baseline + D(z) - D(E(baseline))`` (:func:`decoded_change`), for the model and the ceiling
+alike: what the VAE gets wrong in both decodes the same way (in-plane blur, a bias) cancels, and the
+ceiling stays the ceiling of what the model's output can reach.
+
 To add a rung, add one line to :func:`build_ladder` (and its name to :data:`RUNGS` for the order).
 """
 
@@ -40,3 +45,9 @@ def build_ladder(model_raw: np.ndarray, vae_ceiling: np.ndarray, baseline: np.nd
         "vae_ceiling_consistent": project(vae_ceiling),
     }
     return {rung: np.asarray(ladder[rung], dtype=np.float32) for rung in RUNGS if ladder[rung] is not None}
+
+
+def decoded_change(decoded: np.ndarray, baseline: np.ndarray, baseline_decoded: np.ndarray) -> np.ndarray:
+    """``baseline + decoded - baseline_decoded``: (D, H, W) HU each; the decode read as a change."""
+    return (np.asarray(baseline, np.float32) + np.asarray(decoded, np.float32)
+            - np.asarray(baseline_decoded, np.float32))

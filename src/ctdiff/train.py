@@ -62,7 +62,7 @@ from tqdm import tqdm
 from ctdiff.checkpoint import params_hash, resumable, rng_state, save_checkpoint, set_rng_state
 from ctdiff.denoiser import build_unet
 from ctdiff.device import pick_device
-from ctdiff.diffusion import diffusion_loss, training_scheduler
+from ctdiff.diffusion import LatentTarget, diffusion_loss, training_scheduler
 from ctdiff.latents import (
     LatentCache,
     PatchSampler,
@@ -171,7 +171,7 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
     shaping = shaping_params(params, vae, train_cases, val_cases)
     ckpt, why = resumable(ckpt_dir / LAST, shaping)
     say(f"train: {why}")
-    step, scale_factor, best_val = 0, None, math.inf
+    step, scale_factor, best_val, residual_gain = 0, None, math.inf, None
     epoch_stats = EpochStats()
     if ckpt is not None:
         unet.load_state_dict(ckpt["unet"])
@@ -181,6 +181,7 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
         if ckpt["vae"] is not None:
             vae.module.load_state_dict(ckpt["vae"])
         step, scale_factor, best_val = ckpt["step"], ckpt["scale_factor"], ckpt["best_val_loss"]
+        residual_gain = ckpt.get("residual_gain")
         epoch_stats = EpochStats(**ckpt["epoch_stats"])
         if env.is_main:
             set_rng_state(ckpt["rng"], rng)
@@ -206,6 +207,10 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
     if scale_factor is None:
         scale_factor = 1.0 / cache.target_std()
         say(f"train: latent scale factor {scale_factor:.4f} (1 / std of the cached training target latents)")
+    if tp.residual and residual_gain is None:
+        residual_gain = 1.0 / (cache.residual_std() * scale_factor)
+        say(f"train: residual gain {residual_gain:.4f} (1 / std of the scaled target - source latents)")
+    latent_target = LatentTarget(tp.residual, residual_gain or 1.0)
     result.scale_factor = scale_factor
     validation = Validation(vae, val_cases, sampler, noise_scheduler, tp, params.seed) if env.is_main else None
 
@@ -223,6 +228,7 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
             "lr_scheduler": lr_scheduler.state_dict() if with_optimizers else None,
             "grad_scaler": grad_scaler.state_dict(),
             "scale_factor": scale_factor,
+            "residual_gain": residual_gain,
             "step": step,
             "epoch": step // steps_per_epoch,
             "epoch_stats": epoch_stats.__dict__,
@@ -269,7 +275,8 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
                         source = vae.posterior_x01(vae.hu_to_x01(source_hu.to(device)))
                         target = vae.posterior_x01(x01_target)
                     z_source, z_target = source.sample() * scale_factor, target.sample() * scale_factor
-                    loss_diffusion = diffusion_loss(model, noise_scheduler, z_target, z_source)
+                    loss_diffusion = diffusion_loss(model, noise_scheduler, latent_target.x0(z_target, z_source),
+                                                    z_source)
                     loss_vae = torch.zeros((), device=device)
                     if not frozen:
                         # The VAE keeps its own objective on the target patch (L1 of the reconstruction from
@@ -322,7 +329,7 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
 
             # ---- end of epoch: validate, log, checkpoint (rank 0)
             if env.is_main:
-                val_loss, val_psnr = validation.run(unet, scale_factor, encoder_changed=not frozen and
+                val_loss, val_psnr = validation.run(unet, scale_factor, latent_target, encoder_changed=not frozen and
                                                     tp.vae_finetune == "full", decoder_changed=not frozen)
                 metrics = {
                     "train/loss": epoch_stats.loss_mean, "val/loss": val_loss,
@@ -393,8 +400,8 @@ class Validation:
             self.latents.append(tuple(pair))
 
     @torch.no_grad()
-    def run(self, unet: nn.Module, scale_factor: float, encoder_changed: bool, decoder_changed: bool
-            ) -> tuple[float, float]:
+    def run(self, unet: nn.Module, scale_factor: float, latent_target: LatentTarget, encoder_changed: bool,
+            decoder_changed: bool) -> tuple[float, float]:
         """(val diffusion loss, mean VAE reconstruction PSNR of the val targets in dB)."""
         was_training = self.vae.module.training
         if encoder_changed:
@@ -420,8 +427,9 @@ class Validation:
         losses = []
         for i in range(0, len(source), self.tp.batch_size):
             sl = slice(i, i + self.tp.batch_size)
-            loss = diffusion_loss(unet, self.scheduler, (target[sl] * scale_factor).to(device),
-                                  (source[sl] * scale_factor).to(device), self.noise[sl].to(device),
+            z_source = (source[sl] * scale_factor).to(device)
+            x0 = latent_target.x0((target[sl] * scale_factor).to(device), z_source)
+            loss = diffusion_loss(unet, self.scheduler, x0, z_source, self.noise[sl].to(device),
                                   self.timesteps[sl].to(device))
             losses.append(loss.item() * len(source[sl]))
         unet.train()
