@@ -11,6 +11,9 @@ import time
 import pytest
 from dvc_repo import DvcRepo
 
+from ctdiff.evaluate import GAIN_KEY
+from ctdiff.rungs import RUNGS
+
 pytestmark = pytest.mark.slow
 
 STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "evaluate")
@@ -62,11 +65,12 @@ def test_repro_runs_all_seven_stages_and_writes_the_contract_metrics(repo, sd_ar
     assert ran(sd_arm) == set(STAGES)
     for stage in ("vae_check", "evaluate"):
         metrics = json.loads((repo.root / "dvclive" / stage / "metrics.json").read_text())
-        arms = ("model", "baseline", "vae_ceiling") if stage == "evaluate" else (None,)
+        arms = RUNGS if stage == "evaluate" else (None,)
         for arm in arms:
             assert CONTRACT <= set(metrics[arm] if arm else metrics)
     evaluate = json.loads((repo.root / "dvclive" / "evaluate" / "metrics.json").read_text())
     assert evaluate["vae"]["weights"]["source"] == "scratch"
+    assert {"mean", "ci95_low", "ci95_high", "cases"} <= set(evaluate[GAIN_KEY]["psnr_body"])
     assert list((repo.root / "data" / "predictions").glob("*.nii.gz"))
 
 
@@ -86,7 +90,8 @@ def test_maisi_experiment_reruns_only_what_the_vae_changes(repo, sd_arm):
     vae_check = diff["dvclive/vae_check/metrics.json"]
     evaluate = diff["dvclive/evaluate/metrics.json"]
     assert {"psnr", "psnr_body", "mae_hu"} <= set(vae_check)
-    assert {"model.psnr_body", "baseline.psnr_body", "vae_ceiling.psnr_body"} <= set(evaluate)
+    assert {f"{rung}.psnr_body" for rung in RUNGS} <= set(evaluate)
+    assert {f"{GAIN_KEY}.psnr_body.mean", f"{GAIN_KEY}.mae_hu_body.ci95_low"} <= set(evaluate)
     assert repo.dvc("plots", "diff", "main", "maisi", "-o", str(repo.root / "plots_out")).returncode == 0
 
 

@@ -63,10 +63,11 @@ class WindowedDenoiser(nn.Module):
     is drawn once for the whole volume, so neighbouring windows denoise the same sample.
     """
 
-    def __init__(self, unet: nn.Module, roi: tuple[int, int, int], overlap: float) -> None:
+    def __init__(self, unet: nn.Module, roi: tuple[int, int, int], overlap: float, window_batch: int = 1) -> None:
         super().__init__()
         self.unet = unet
-        self.inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=overlap, mode="gaussian")
+        self.inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=window_batch, overlap=overlap,
+                                            mode="gaussian")
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.inferer(x, self.unet, timesteps=timesteps, context=context)
@@ -111,7 +112,7 @@ def predict(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: in
     roi = tuple(min(r, s) for r, s in zip(model.latent_patch, condition.shape[2:]))
     denoiser: nn.Module = model.unet
     if roi != tuple(condition.shape[2:]):
-        denoiser = WindowedDenoiser(model.unet, roi, params.evaluate.overlap)
+        denoiser = WindowedDenoiser(model.unet, roi, params.evaluate.overlap, params.evaluate.window_batch)
     generator = torch.Generator(device=device).manual_seed(seed)
     scheduler = sampling_scheduler(params.train, params.evaluate.steps)
     total = np.zeros(source_hu.shape, np.float64)

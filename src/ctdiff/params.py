@@ -214,7 +214,7 @@ class SdArchParams:
 class SdParams:
     hub: SdHubParams = field(default_factory=SdHubParams)
     scratch: SdArchParams = field(default_factory=SdArchParams)
-    patch: tuple[int, int, int] = (8, 32, 32)  # vae_fit random crop [slices, H, W]
+    patch: tuple[int, int, int] = (2, 64, 64)  # vae_fit random crop [slices, H, W]
     slice_batch: int = 16  # axial slices per encoder/decoder call
 
     def __post_init__(self) -> None:
@@ -230,8 +230,8 @@ class VaeParams:
     latent_channels: int = 4  # MAISI and scratch architectures; pretrained SD reads it from its config
     finetune_epochs: int = 0  # pretrained: epochs of domain fine-tuning (0 = use as downloaded)
     finetune_lr: float = 1.0e-5
-    scratch_epochs: int = 20
-    scratch_lr: float = 4.0e-3
+    scratch_epochs: int = 36
+    scratch_lr: float = 1.0e-3
     patches_per_volume: int = 4  # random crops per training volume (source and target) per epoch
     batch_size: int = 4
     kl_weight: float = 1.0e-6
@@ -297,8 +297,8 @@ class UnetParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 40
-    vae_freeze_epochs: int = 38  # epochs [0, vae_freeze_epochs) frozen VAE on cached latents; then fine-tuned
+    epochs: int = 80
+    vae_freeze_epochs: int = 78  # epochs [0, vae_freeze_epochs) frozen VAE on cached latents; then fine-tuned
     vae_finetune: Literal["decoder", "full"] = "decoder"
     vae_lr: float = 1.0e-5
     vae_recon_weight: float = 1.0  # weight of (L1 in [0, 1] + vae_kl_weight * KL) on the target patch
@@ -313,7 +313,7 @@ class TrainParams:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     scheduler: Literal["ddpm", "rflow"] = "ddpm"  # training noise process; sampling: DDIM for ddpm, RFlow for rflow
-    residual: bool = False  # generate the change of the target latent from the source latent, not the latent
+    residual: bool = True  # generate the change of the target latent from the source latent, not the latent
     prediction: Literal["epsilon", "v"] = "v"  # ddpm only; rflow always predicts the velocity
     num_train_timesteps: int = 1000
     val_patches_per_volume: int = 8  # fixed patches (and noise, timesteps) per val volume
@@ -344,13 +344,14 @@ class TrainParams:
 # ------------------------------------------------------------------------------------------ evaluate
 @dataclass(frozen=True)
 class EvaluateParams:
-    steps: int = 50  # DDIM (ddpm-trained) or rectified-flow steps per sampled volume
+    steps: int = 20  # DDIM (ddpm-trained) or rectified-flow steps per sampled volume
     max_cases: int = 0  # 0 = every case of the test split
     overlap: float = 0.25  # latent windows overlap when a volume exceeds the training patch
+    window_batch: int = 16  # latent windows per UNet call (5x faster than 1 on 2 CPU cores; GPU memory)
     bspline_baseline: bool = True  # also report series 1 B-spline-interpolated onto series 2's grid
     window_hu: tuple[float, float] = (-250.0, 450.0)  # display window of the PNG panels (CTPA: L 100, W 700)
     nifti: bool = True  # write predictions as .nii.gz under data/predictions/
-    samples: int = 1  # decoded samples averaged per volume (a posterior-mean estimate)
+    samples: int = 8  # decoded samples averaged per volume (a posterior-mean estimate)
     decode: Literal["sample", "change"] = "sample"  # change: baseline + D(z) - D(E(baseline)) (VAE errors cancel)
     consistency: bool = True  # model = the decoded sample projected onto series 1's slabs; false: the raw decode
     slab_profile: Literal["box", "triangle", "gaussian"] = "box"  # series 1's slice sensitivity profile
@@ -358,6 +359,7 @@ class EvaluateParams:
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "evaluate.steps", "must be >= 1")
         _require(self.samples >= 1, "evaluate.samples", "must be >= 1")
+        _require(self.window_batch >= 1, "evaluate.window_batch", "must be >= 1")
         _require(self.max_cases >= 0, "evaluate.max_cases", "must be >= 0 (0 = all)")
         _require(0.0 <= self.overlap < 1.0, "evaluate.overlap", "must be in [0, 1)")
         _require(self.window_hu[0] < self.window_hu[1], "evaluate.window_hu", "must be [low, high]")
