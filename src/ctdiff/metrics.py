@@ -74,17 +74,28 @@ def psnr(pred01: torch.Tensor, ref01: torch.Tensor, mask: torch.Tensor | None = 
     return min(value, PSNR_CAP_DB)
 
 
-def ssim(pred01: torch.Tensor, ref01: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """3D SSIM of (D, H, W) [0, 1] intensities (data range 1), averaged over ``mask`` when given."""
+def ssim(pred01: torch.Tensor, ref01: torch.Tensor, mask: torch.Tensor | None = None,
+         ssim_map: torch.Tensor | None = None) -> float:
+    """3D SSIM of (D, H, W) [0, 1] intensities (data range 1), averaged over ``mask`` when given.
+
+    ``ssim_map`` (from :func:`ssim_map_of`) reuses a map already computed for the same pair.
+    """
     window = [_window(s) for s in ref01.shape]
-    ssim_map, _ = compute_ssim_and_cs(pred01[None, None], ref01[None, None], spatial_dims=3, kernel_size=window,
-                                      kernel_sigma=[SSIM_SIGMA] * 3, data_range=1.0)
-    ssim_map = ssim_map[0, 0]  # 'valid' convolution: one value per window centre
+    if ssim_map is None:
+        ssim_map = ssim_map_of(pred01, ref01)
     if mask is not None:
         d, h, w = (k // 2 for k in window)
         centres = mask[d:mask.shape[0] - d, h:mask.shape[1] - h, w:mask.shape[2] - w]
         ssim_map = ssim_map[centres]
     return float(ssim_map.mean()) if ssim_map.numel() else math.nan
+
+
+def ssim_map_of(pred01: torch.Tensor, ref01: torch.Tensor) -> torch.Tensor:
+    """The 3D SSIM map of two (D, H, W) [0, 1] volumes: one value per window centre ('valid')."""
+    window = [_window(s) for s in ref01.shape]
+    ssim_map, _ = compute_ssim_and_cs(pred01[None, None], ref01[None, None], spatial_dims=3, kernel_size=window,
+                                      kernel_sigma=[SSIM_SIGMA] * 3, data_range=1.0)
+    return ssim_map[0, 0]
 
 
 def mae_hu(pred_hu: torch.Tensor, ref_hu: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -107,12 +118,13 @@ def reconstruction_metrics(pred_hu: ArrayLike, ref_hu: ArrayLike, hu_range: Sequ
                          f"and {tuple(ref01.shape)}")
     pred_clipped, ref_clipped = to_hu(pred01, hu_range), to_hu(ref01, hu_range)
     mask = body_mask(ref_hu)
+    ssim_map = ssim_map_of(pred01, ref01)  # once for both SSIMs: it is most of the cost
     return {
         "psnr": psnr(pred01, ref01),
-        "ssim": ssim(pred01, ref01),
+        "ssim": ssim(pred01, ref01, ssim_map=ssim_map),
         "mae_hu": mae_hu(pred_clipped, ref_clipped),
         "psnr_body": psnr(pred01, ref01, mask),
-        "ssim_body": ssim(pred01, ref01, mask),
+        "ssim_body": ssim(pred01, ref01, mask, ssim_map=ssim_map),
         "mae_hu_body": mae_hu(pred_clipped, ref_clipped, mask),
     }
 
