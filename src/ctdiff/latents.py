@@ -193,15 +193,19 @@ class LatentCache:
 
     def residual_std(self) -> float:
         """Std of (target - source) latents sampled from the cached posteriors (independent draws)."""
-        diffs = torch.cat([(c.target.mean - c.source.mean).flatten() for c in self.cases]).double()
-        variances = torch.cat([(c.target.std.pow(2) + c.source.std.pow(2)).flatten() for c in self.cases]).double()
-        return float((diffs.var(unbiased=False) + variances.mean()).sqrt())
+        return _sampled_std([c.target.mean - c.source.mean for c in self.cases],
+                            [c.target.std.double().pow(2) + c.source.std.double().pow(2) for c in self.cases])
 
     def target_std(self) -> float:
         """Std of latents sampled from the cached target posteriors: sqrt(Var(mean) + E[std^2]) over all."""
-        means = torch.cat([c.target.mean.flatten() for c in self.cases]).double()
-        variances = torch.cat([c.target.std.flatten() for c in self.cases]).double().pow(2)
-        return float((means.var(unbiased=False) + variances.mean()).sqrt())
+        return _sampled_std([c.target.mean for c in self.cases], [c.target.std.double().pow(2) for c in self.cases])
+
+
+def _sampled_std(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor]) -> float:
+    """Std of draws from Gaussians with these means and variances, pooled: sqrt(Var(mean) + E[var])."""
+    pooled_means = torch.cat([m.flatten() for m in means]).double()
+    pooled_variances = torch.cat([v.flatten() for v in variances]).double()
+    return float((pooled_means.var(unbiased=False) + pooled_variances.mean()).sqrt())
 
 
 def data_fingerprint(case: Case) -> str:
