@@ -14,7 +14,6 @@ from ctdiff.denoiser import build_unet
 from ctdiff.evaluate import (
     GAIN_KEY,
     WindowedDenoiser,
-    case_consistency,
     evaluate,
     load_trained_model,
     predict,
@@ -24,6 +23,7 @@ from ctdiff.grid import Grid
 from ctdiff.metrics import METRIC_NAMES, reconstruction_metrics
 from ctdiff.params import params_from_dict, to_dict
 from ctdiff.rungs import RUNGS
+from ctdiff.slab import case_consistency
 from ctdiff.train import train
 
 

@@ -40,7 +40,7 @@ from ctdiff.metrics import METRIC_NAMES, atomic_live
 from ctdiff.params import Params
 from ctdiff.rungs import build_ladder, decoded_change
 from ctdiff.scoring import paired_gains, score_rungs, summarise
-from ctdiff.slab import SlabOperator
+from ctdiff.slab import case_consistency
 
 CHECKPOINTS = ("best.pt", "last.pt")  # best by val loss; last when no validation improved on the first
 GAIN_KEY = "model_minus_baseline_consistent"  # paired per-case gain of the model over the honest baseline
@@ -129,13 +129,6 @@ def vae_round_trip(vae: VaeAdapter, hu: np.ndarray) -> np.ndarray:
     device = next(vae.module.parameters()).device
     x = torch.from_numpy(hu.astype(np.float32))[None, None].to(device)
     return vae.decode_hu(vae.encode_posterior_hu(x).mean, hu.shape)[0, 0].float().cpu().numpy()
-
-
-def case_consistency(meta: dict, series1_hu: np.ndarray, profile: str) -> tuple[SlabOperator, np.ndarray]:
-    """Series 1's slab operator on the case's common grid and its measurements, from ``meta.json``."""
-    grid, grid1 = Grid.from_meta(meta["grid"]), Grid.from_meta(meta["series1"]["grid"])
-    operator = SlabOperator.for_case(grid, grid1, meta["series1"].get("slice_thickness"), profile)  # type: ignore[arg-type]
-    return operator, operator.measurements(series1_hu, grid1, grid)
 
 
 def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,

@@ -161,3 +161,10 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])  # S x D values: no need for 
 
 
 _CDFS = {"box": _box_cdf, "triangle": _triangle_cdf, "gaussian": _gaussian_cdf}
+
+
+def case_consistency(meta: dict, series1_hu: np.ndarray, profile: str) -> tuple[SlabOperator, np.ndarray]:
+    """Series 1's slab operator on the case's common grid and its measurements, from ``meta.json``."""
+    grid, grid1 = Grid.from_meta(meta["grid"]), Grid.from_meta(meta["series1"]["grid"])
+    operator = SlabOperator.for_case(grid, grid1, meta["series1"].get("slice_thickness"), profile)  # type: ignore[arg-type]
+    return operator, operator.measurements(series1_hu, grid1, grid)
