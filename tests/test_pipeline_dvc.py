@@ -45,6 +45,10 @@ def test_repro_preprocess_builds_the_processed_contract(data_repo):
         assert source.dtype == target.dtype == np.int16
         grid = Grid.from_meta(meta["grid"])
         assert source.shape == target.shape == grid.shape
+        # The phantom's tissue labels came along, on the same grid, with their class names.
+        labels = np.load(processed / case_id / "labels.npy")
+        assert labels.dtype == np.uint8 and labels.shape == grid.shape
+        assert meta["labels"]["classes"]["7"] == "artery" and sum(meta["labels"]["counts"].values()) == labels.size
         # Thick-to-thin: the source is a smoothed version of the same anatomy.
         assert np.corrcoef(source.ravel(), target.ravel())[0, 1] > 0.8
 

@@ -59,7 +59,9 @@ from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from ctdiff.dicom_write import IDENTITY_DIRECTION, SeriesSpec, encode_series
+from ctdiff.grid import Grid
 from ctdiff.io import atomic_path
+from ctdiff.labels import write_case_labels, write_classes
 from ctdiff.params import PhantomParams
 
 CATEGORIES = ("APE", "non-APE")
@@ -90,6 +92,8 @@ class Tissue(IntEnum):
     DISC = 11
     CSF = 12
 
+
+TISSUE_CLASSES = {int(t): t.name.lower() for t in Tissue}  # the class table written beside the labels
 
 # Per-patient tissue values are drawn from these ranges (HU), typical of contrast-enhanced CT pulmonary
 # angiography (the arteries opacified, the aorta less so).
@@ -283,20 +287,29 @@ def write_phantom_dataset(raw_dir: Path, p: PhantomParams, seed: int, progress: 
 
     Writes ``raw_dir/APE/case_XXX.zip`` and ``raw_dir/non-APE/case_XXX.zip`` (case numbers 1..n_cases,
     unique across both folders; both folders always exist), each zip written atomically and holding
-    ``case_XXX/1/*.dcm`` (thick) and ``case_XXX/2/*.dcm`` (thin). Returns the zip paths in case order.
+    ``case_XXX/1/*.dcm`` (thick) and ``case_XXX/2/*.dcm`` (thin), and each case's tissue labels on the
+    thin grid as ``raw_dir/labels/case_XXX.nii.gz`` with the class table :data:`TISSUE_CLASSES`
+    (:mod:`ctdiff.labels`). Returns the zip paths in case order.
     """
     raw_dir = Path(raw_dir)
     slab_slices(p)  # fail before writing anything
     for category in CATEGORIES:
         (raw_dir / category).mkdir(parents=True, exist_ok=True)
     ape = ape_case_numbers(p, seed)
+    write_classes(raw_dir, TISSUE_CLASSES)
     paths = []
     for number in tqdm(range(1, p.n_cases + 1), desc="phantom cases", unit="case", disable=not progress):
         case = make_case(number, p, seed, ape=number in ape)
         path = raw_dir / case.category / f"{case.case_id}.zip"
         write_case_zip(path, case_zip_members(case, seed))
+        write_case_labels(raw_dir, case.case_id, case.labels, thin_grid(case))
         paths.append(path)
     return paths
+
+
+def thin_grid(case: PhantomCase) -> Grid:
+    """The thin series' (series 2's) voxel grid: where :attr:`PhantomCase.labels` lives."""
+    return Grid(tuple(case.labels.shape), case.thin_spacing_mm, case.thin_origin_mm, tuple(case.direction))
 
 
 # ---------------------------------------------------------------------------------------- sampling

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from ctdiff.dicom import CaseRejected, Series, read_case
 from ctdiff.grid import Grid, resample, slice_range_covered, to_int16_hu
 from ctdiff.io import atomic_dir, atomic_save_npy, atomic_write_json, remove_stale_temporaries
+from ctdiff.labels import labels_fingerprint, labels_on_grid, read_case_labels
 from ctdiff.params import Params, PreprocessParams, SplitParams, to_dict
 
 # Bump when the processing itself changes, so fingerprints of old outputs stop matching.
-PROCESSING_VERSION = 1
+PROCESSING_VERSION = 2  # 2: labels.npy and meta.json "labels" where the case has a label map
 SPLITS = ("train", "val", "test")
 
 
@@ -43,6 +44,7 @@ class CaseInput:
     zip_path: Path
     case_id: str
     category: str
+    raw_dir: Path | None = None  # where labels/<case_id>.nii.gz would be (ctdiff.labels)
 
 
 @dataclass
@@ -79,7 +81,7 @@ def find_cases(raw_dir: Path) -> tuple[list[CaseInput], list[CaseResult]]:
                                        f"duplicate case id: also in {seen[case_id].relative_to(raw_dir).parent}"))
             continue
         seen[case_id] = zip_path
-        inputs.append(CaseInput(zip_path, case_id, category))
+        inputs.append(CaseInput(zip_path, case_id, category, raw_dir))
     return inputs, rejected
 
 
@@ -150,13 +152,36 @@ def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprin
         "warnings": [*pair.warnings, *grid_warnings],
         "fingerprint": fingerprint,
     }
+    labels, case_labels = None, None
+    if case.raw_dir is not None:
+        try:
+            case_labels = read_case_labels(case.raw_dir, case.case_id)
+            if case_labels is not None and not same_geometry(case_labels.grid, s2.grid):
+                raise ValueError(f"its grid {case_labels.grid.shape} at {case_labels.grid.origin_mm} is not series 2's "
+                                 f"{s2.grid.shape} at {s2.grid.origin_mm}")
+        except (ValueError, RuntimeError) as exc:  # RuntimeError: SimpleITK cannot read the file
+            # The case is still a good pair; it only loses its structure metrics.
+            meta["warnings"].append(f"label map ignored: {str(exc)[:300]}")
+            case_labels = None
+    if case_labels is not None:
+        labels = labels_on_grid(case_labels, grid)
+        meta["labels"] = {"classes": {str(k): v for k, v in sorted(case_labels.classes.items())},
+                          "counts": {str(k): int(n) for k, n in zip(*np.unique(labels, return_counts=True))}}
     with atomic_dir(out_dir / case.case_id) as tmp:
         atomic_save_npy(tmp / "source.npy", to_int16_hu(source_hu))
         atomic_save_npy(tmp / "target.npy", to_int16_hu(target_hu))
         # Series 1 as acquired (thick slices, its own grid): evaluate's baselines and panels start from it.
         atomic_save_npy(tmp / "series1.npy", to_int16_hu(s1.hu))
+        if labels is not None:  # structure truth on the common grid (nearest neighbour, same crop)
+            atomic_save_npy(tmp / "labels.npy", labels)
         atomic_write_json(tmp / "meta.json", meta)
     return CaseResult(case.case_id, case.category, "ok", "", meta["warnings"])
+
+
+def same_geometry(a: Grid, b: Grid, tol_mm: float = 1e-2) -> bool:
+    """Same voxel lattice: shape, spacing, origin and direction (to DICOM's decimal-string precision)."""
+    return (a.shape == b.shape and np.allclose(a.spacing_mm, b.spacing_mm, rtol=1e-4, atol=0)
+            and np.allclose(a.origin_mm, b.origin_mm, atol=tol_mm) and np.allclose(a.direction, b.direction, atol=1e-4))
 
 
 def _series_summary(series: Series) -> dict:
@@ -257,7 +282,8 @@ def preprocess(params: Params, raw_dir: Path, out_dir: Path, progress: bool = Tr
     pfp = params_fingerprint(p)
     todo = []
     for case in inputs:
-        fingerprint = f"{zip_fingerprint(case.zip_path)}:{case.category}:{pfp}"
+        labels = labels_fingerprint(raw_dir, case.case_id)
+        fingerprint = f"{zip_fingerprint(case.zip_path)}:{labels}:{case.category}:{pfp}"
         reused = _reusable(out_dir / case.case_id, fingerprint)
         if reused is not None:
             results.append(reused)
