@@ -14,21 +14,42 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ctdiff.metrics import METRIC_NAMES, mean_metrics, reconstruction_metrics
+from ctdiff.structures import CONSPICUITY, FALSE_DEFECTS, STRUCTURE_METRICS, StructureTruth
 
 BOOTSTRAP_RESAMPLES = 10_000
-PAIRED_METRICS = ("psnr_body", "mae_hu_body")  # the gains a reader looks for first
+PAIRED_METRICS = ("psnr_body", "mae_hu_body", CONSPICUITY, FALSE_DEFECTS)  # the gains a reader looks for first
 
 
-def score_rungs(volumes: Mapping[str, np.ndarray], target_hu: np.ndarray,
-                hu_range: Sequence[float]) -> dict[str, dict[str, float]]:
-    """{rung: {metric: value}} for (D, H, W) HU predictions against the (D, H, W) HU truth."""
-    return {rung: reconstruction_metrics(volume, target_hu, hu_range) for rung, volume in volumes.items()}
+def score_rungs(volumes: Mapping[str, np.ndarray], target_hu: np.ndarray, hu_range: Sequence[float],
+                structures: StructureTruth | None = None) -> dict[str, dict[str, float]]:
+    """{rung: {metric: value}} for (D, H, W) HU predictions against the (D, H, W) HU truth.
+
+    Every rung gets :data:`METRIC_NAMES`; with ``structures`` (a case with labels) also the structure
+    metrics that case has (:mod:`ctdiff.structures`).
+    """
+    scores = {rung: reconstruction_metrics(volume, target_hu, hu_range) for rung, volume in volumes.items()}
+    if structures is not None:
+        for rung, volume in volumes.items():
+            scores[rung].update(structures.metrics(volume))
+    return scores
 
 
 def summarise(per_case: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    """Mean of every metric of every rung over cases (NaN-aware)."""
+    """Mean of every metric of every rung over cases (NaN-aware).
+
+    :data:`METRIC_NAMES` must be in every case; a structure metric is averaged over the cases that have
+    it (embolus conspicuity over APE cases, ...) and left out where none has it.
+    """
     rungs = list(per_case[0])
-    return {rung: mean_metrics([case[rung] for case in per_case]) for rung in rungs}
+    out = {}
+    for rung in rungs:
+        cases = [case[rung] for case in per_case]
+        out[rung] = mean_metrics(cases)
+        for name in STRUCTURE_METRICS:
+            values = [case[name] for case in cases if name in case]
+            if values:
+                out[rung][name] = float(np.nanmean(values))
+    return out
 
 
 def paired_bootstrap(differences: Sequence[float], seed: int, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -51,9 +72,13 @@ def paired_bootstrap(differences: Sequence[float], seed: int, resamples: int = B
 def paired_gains(per_case: Sequence[Mapping[str, Mapping[str, float]]], rung: str, reference: str, seed: int,
                  metrics: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, float]]:
     """{metric: paired_bootstrap(rung - reference per case)}: positive is better for PSNR and SSIM,
-    negative for MAE."""
+    negative for MAE and false defects; for conspicuity, toward 1 is better (positive below 1).
+
+    A structure metric is paired over the cases that have it and left out where none has it.
+    """
     for name in metrics:
-        if name not in METRIC_NAMES:
-            raise ValueError(f"{name} is not one of {METRIC_NAMES}")
-    return {name: paired_bootstrap([case[rung][name] - case[reference][name] for case in per_case], seed)
-            for name in metrics}
+        if name not in (*METRIC_NAMES, *STRUCTURE_METRICS):
+            raise ValueError(f"{name} is not one of {METRIC_NAMES + STRUCTURE_METRICS}")
+    return {name: paired_bootstrap([case[rung][name] - case[reference][name] for case in per_case
+                                    if name in case[rung] and name in case[reference]], seed)
+            for name in metrics if name in METRIC_NAMES or any(name in case[rung] for case in per_case)}
