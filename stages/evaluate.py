@@ -1,4 +1,5 @@
-"""evaluate: test split -> dvclive/evaluate/ (the ladder: model, baselines, VAE ceiling), data/predictions/*.nii.gz."""
+"""evaluate: test split -> dvclive/evaluate/ (the ladder: model, reference, baselines, VAE ceiling, with
+structure metrics where the cases have labels), data/predictions/*.nii.gz."""
 
 import os
 import sys
@@ -7,28 +8,33 @@ from pathlib import Path
 # Before torch loads: OpenMP threads that sleep instead of spinning while they wait (see stages/train.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ctdiff.evaluate import GAIN_KEY, evaluate
+from ctdiff.evaluate import PAIRS, evaluate
 from ctdiff.params import ParamsError, load_params
 from ctdiff.rungs import RUNGS
 from ctdiff.vae.load import WeightsError
+
+FINDINGS = (("embolus_conspicuity", "conspicuity"), ("false_defect_fraction", "false_defects"))
 
 
 def main() -> int:
     try:
         params = load_params()
         metrics = evaluate(params, Path("data/processed"), Path("models/vae"), Path("models/checkpoints"),
-                           Path("dvclive/evaluate"), Path("data/predictions"))
+                           Path("dvclive/evaluate"), Path("data/predictions"),
+                           reference_dir=Path("models/sr_reference"))
     except (ParamsError, WeightsError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
     for rung in RUNGS:
         if rung in metrics:
             m = metrics[rung]
+            findings = "".join(f"  {label} {m[name]:.3f}" for name, label in FINDINGS if name in m)
             print(f"evaluate: {rung:<23} psnr_body {m['psnr_body']:6.2f} dB  ssim_body {m['ssim_body']:.3f}  "
-                  f"mae_hu_body {m['mae_hu_body']:6.1f}")
-    for name, gain in metrics[GAIN_KEY].items():
-        print(f"evaluate: model - baseline_consistent {name}: {gain['mean']:+.3f} "
-              f"(95% bootstrap {gain['ci95_low']:+.3f} .. {gain['ci95_high']:+.3f}, {gain['cases']} cases)")
+                  f"mae_hu_body {m['mae_hu_body']:6.1f}{findings}")
+    for rung, against in PAIRS:
+        for name, gain in metrics.get(f"{rung}_minus_{against}", {}).items():
+            print(f"evaluate: {rung} - {against} {name}: {gain['mean']:+.3f} "
+                  f"(95% bootstrap {gain['ci95_low']:+.3f} .. {gain['ci95_high']:+.3f}, {gain['cases']} cases)")
     return 0
 
 

@@ -2,17 +2,20 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from ctdiff.reference import load_reference, predict_reference, reference_input, train_reference
 from trainkit import tiny_params, workspace
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.denoiser import build_unet
 from ctdiff.evaluate import (
     GAIN_KEY,
+    PAIRS,
     WindowedDenoiser,
     evaluate,
     load_trained_model,
@@ -22,8 +25,10 @@ from ctdiff.evaluate import (
 from ctdiff.grid import Grid
 from ctdiff.metrics import METRIC_NAMES, reconstruction_metrics
 from ctdiff.params import params_from_dict, to_dict
+from ctdiff.phantom import Tissue
 from ctdiff.rungs import RUNGS
 from ctdiff.slab import case_consistency
+from ctdiff.structures import CONSPICUITY, FALSE_DEFECTS
 from ctdiff.train import train
 
 
@@ -40,20 +45,30 @@ def trained(tmp_path_factory):
     params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1), steps=3)
     ws = workspace(tmp, params)
     train(params, **ws, progress=False)
+    ws["reference_dir"] = tmp / "models" / "sr_reference"
+    train_reference(params, ws["processed_dir"], ws["reference_dir"], tmp / "dvclive" / "sr_reference", progress=False)
     return tmp, params, ws
+
+
+def run_evaluate(params, ws, live_dir, pred_dir, processed_dir=None):
+    return evaluate(params, processed_dir or ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], live_dir, pred_dir,
+                    progress=False, reference_dir=ws["reference_dir"])
 
 
 def test_stage_outputs(trained):
     tmp, params, ws = trained
     live_dir, pred_dir = tmp / "dvclive" / "evaluate", tmp / "data" / "predictions"
-    metrics = evaluate(params, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], live_dir, pred_dir, progress=False)
-    for arm in RUNGS:
+    metrics = run_evaluate(params, ws, live_dir, pred_dir)
+    for arm in RUNGS:  # no labels in this workspace: no structure metric, anywhere
         assert set(metrics[arm]) == set(METRIC_NAMES)
         assert all(np.isfinite(v) for v in metrics[arm].values())
     assert metrics["sampling"]["seconds_per_volume"] > 0
     for name in ("psnr_body", "mae_hu_body"):
         gain = metrics[GAIN_KEY][name]
         assert gain["ci95_low"] <= gain["mean"] <= gain["ci95_high"] and gain["cases"] == 1
+    for rung, against in PAIRS:
+        assert set(metrics[f"{rung}_minus_{against}"]) == {"psnr_body", "mae_hu_body"}
+    assert not (live_dir / "plots" / "custom").exists()
     summary = json.loads((live_dir / "metrics.json").read_text())
     assert summary["vae"]["weights"]["source"] == "scratch"
     test_ids = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"]
@@ -89,8 +104,7 @@ def test_raw_model_and_averaged_samples(trained):
     """consistency=false makes `model` the raw decode; samples=2 averages two draws of the same stream."""
     tmp, params, ws = trained
     raw = with_evaluate(params, consistency=False, samples=2, bspline_baseline=False)
-    metrics = evaluate(raw, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], tmp / "raw_live", tmp / "raw_pred",
-                       progress=False)
+    metrics = run_evaluate(raw, ws, tmp / "raw_live", tmp / "raw_pred")
     assert metrics["model"] == metrics["model_raw"] and "baseline_bspline" not in metrics
     assert metrics["sampler"]["samples"] == 2
     model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
@@ -144,3 +158,71 @@ def test_residual_model_and_decoded_change(tmp_path, single_torch_thread):  # no
     ceiling = source + vae_round_trip(model.vae, target) - vae_round_trip(model.vae, source)
     expected = reconstruction_metrics(ceiling, target, params.vae.hu_range)
     assert metrics["vae_ceiling"]["psnr_body"] == pytest.approx(expected["psnr_body"], abs=1e-3)
+
+
+def paint_vessel(case_dir, embolus: bool):
+    """Give a processed case a label map (lung with one artery along z, an embolus in it when ``embolus``)
+    and the matching truth, as preprocess writes phantom cases."""
+    target = np.load(case_dir / "target.npy")
+    d, h, w = target.shape
+    z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    lumen = (y - h // 2) ** 2 + (x - w // 2) ** 2 <= 16
+    labels = np.full(target.shape, Tissue.LUNG, np.uint8)
+    labels[lumen] = Tissue.ARTERY
+    target = np.where(lumen, 300, target)
+    if embolus:
+        clot = lumen & (z >= d // 2 - 2) & (z < d // 2 + 2) & ((y - h // 2) ** 2 + (x - w // 2) ** 2 <= 4)
+        labels[clot] = Tissue.EMBOLUS
+        target = np.where(clot, 50, target)
+    np.save(case_dir / "target.npy", target.astype(np.int16))
+    np.save(case_dir / "labels.npy", labels)
+    meta = json.loads((case_dir / "meta.json").read_text())
+    meta["category"] = "APE" if embolus else "non-APE"
+    meta["labels"] = {"classes": {str(int(t)): t.name.lower() for t in Tissue}}
+    (case_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def test_structure_metrics_for_every_rung_where_cases_have_labels(trained, tmp_path):
+    """Two labelled test cases (one APE, one not) and one without labels: each gets what it has."""
+    tmp, params, ws = trained
+    processed = tmp_path / "processed"
+    shutil.copytree(ws["processed_dir"], processed)
+    splits = json.loads((processed / "splits.json").read_text())
+    ape, healthy, unlabelled = splits["train"][:2] + splits["test"][:1]
+    splits["test"] = sorted([ape, healthy, unlabelled])
+    (processed / "splits.json").write_text(json.dumps(splits))
+    paint_vessel(processed / ape, embolus=True)
+    paint_vessel(processed / healthy, embolus=False)
+    live_dir = tmp_path / "live"
+    metrics = run_evaluate(params, ws, live_dir, tmp_path / "pred", processed)
+    for rung in RUNGS:
+        assert {CONSPICUITY, FALSE_DEFECTS, "mae_hu_artery", "mae_hu_lung", "mae_hu_embolus"} <= set(metrics[rung])
+        assert "mae_hu_bone" not in metrics[rung]  # no case has bone: absent, not zero
+    for rung, against in PAIRS:
+        assert metrics[f"{rung}_minus_{against}"][CONSPICUITY]["cases"] == 1
+    with open(live_dir / "per_case.csv") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert rows[unlabelled]["model_embolus_conspicuity"] == "" and rows[unlabelled]["model_mae_hu_artery"] == ""
+    assert rows[healthy]["model_embolus_conspicuity"] == "" and rows[healthy]["model_false_defect_fraction"] != ""
+    assert float(rows[ape]["model_embolus_conspicuity"]) == pytest.approx(metrics["model"][CONSPICUITY], rel=1e-4)
+    # The baseline's numbers follow from the files alone: linear interpolation of series 1 blurs the
+    # 4-slice clot, so it keeps less than all of its contrast.
+    assert 0 < float(rows[ape]["baseline_embolus_conspicuity"]) < 1
+    plot = json.loads((live_dir / "plots" / "custom" / f"{CONSPICUITY}.json").read_text())
+    plot = plot[CONSPICUITY] if isinstance(plot, dict) else plot
+    assert {p["rung"] for p in plot} == set(RUNGS) and {p["case_id"] for p in plot} == {ape}
+
+
+def test_reference_rung_is_the_stage_network_projected(trained):
+    tmp, params, ws = trained
+    case_id = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"][0]
+    case_dir = ws["processed_dir"] / case_id
+    meta = json.loads((case_dir / "meta.json").read_text())
+    source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
+    series1 = np.load(case_dir / "series1.npy")
+    net = load_reference(params, ws["reference_dir"], torch.device("cpu"))
+    operator, measured = case_consistency(meta, series1, "box")
+    raw = predict_reference(net, params, reference_input(meta, source, series1, "box"))
+    expected = reconstruction_metrics(operator.project(raw, measured), target, params.vae.hu_range)
+    metrics = run_evaluate(params, ws, tmp / "ref_live", tmp / "ref_pred")
+    assert metrics["reference"]["psnr_body"] == pytest.approx(expected["psnr_body"], abs=1e-3)

@@ -1,4 +1,4 @@
-"""The users' workflow, end to end, offline: all seven stages under real DVC, the SD arm and the MAISI arm
+"""The users' workflow, end to end, offline: all eight stages under real DVC, the SD arm and the MAISI arm
 as experiments, branches, ``dvc metrics diff`` and the experiment queue (slow).
 
 Sizes are tiny (10 phantom patients of 30 x 32 x 32, VAEs and UNet a few channels wide, two epochs), so
@@ -16,7 +16,7 @@ from ctdiff.rungs import RUNGS
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "evaluate")
+STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate")
 CONTRACT = {"psnr", "ssim", "mae_hu", "psnr_body", "ssim_body", "mae_hu_body"}
 TINY = {
     "data.phantom.n_cases": 10,
@@ -39,8 +39,15 @@ TINY = {
     "train.val_patches_per_volume": 2,
     "train.unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
                    "norm_num_groups": 8, "num_head_channels": 8},
+    "sr_reference.epochs": 2,
+    "sr_reference.patch": [8, 16, 16],
+    "sr_reference.batch_size": 2,
+    "sr_reference.patches_per_volume": 2,
+    "sr_reference.channels": [4, 8],
+    "sr_reference.strides": [2],
     "evaluate.steps": 3,
 }
+FINDINGS = ("embolus_conspicuity", "false_defect_fraction", "mae_hu_artery")
 
 
 def ran(output: str) -> set[str]:
@@ -61,7 +68,7 @@ def sd_arm(repo):
     return out
 
 
-def test_repro_runs_all_seven_stages_and_writes_the_contract_metrics(repo, sd_arm):
+def test_repro_runs_all_eight_stages_and_writes_the_contract_metrics(repo, sd_arm):
     assert ran(sd_arm) == set(STAGES)
     for stage in ("vae_check", "evaluate"):
         metrics = json.loads((repo.root / "dvclive" / stage / "metrics.json").read_text())
@@ -71,6 +78,8 @@ def test_repro_runs_all_seven_stages_and_writes_the_contract_metrics(repo, sd_ar
     evaluate = json.loads((repo.root / "dvclive" / "evaluate" / "metrics.json").read_text())
     assert evaluate["vae"]["weights"]["source"] == "scratch"
     assert {"mean", "ci95_low", "ci95_high", "cases"} <= set(evaluate[GAIN_KEY]["psnr_body"])
+    for rung in RUNGS:  # the phantoms carry labels: the structure metrics are there for every rung
+        assert set(FINDINGS) <= set(evaluate[rung]), rung
     assert list((repo.root / "data" / "predictions").glob("*.nii.gz"))
 
 
@@ -83,6 +92,7 @@ def test_noop_repro_does_no_work(repo, sd_arm):
 
 def test_maisi_experiment_reruns_only_what_the_vae_changes(repo, sd_arm):
     out = repo.dvc("exp", "run", "-n", "maisi-arm", "-S", "vae.use_maisi=true").stdout
+    # The reference does not depend on the VAE: both arms are judged against the same network.
     assert ran(out) == {"fetch_weights", "vae_fit", "vae_check", "train", "evaluate"}, out
     assert "maisi-arm" in repo.dvc("exp", "show", "--csv").stdout
     repo.dvc("exp", "branch", "maisi-arm", "maisi")
@@ -92,6 +102,10 @@ def test_maisi_experiment_reruns_only_what_the_vae_changes(repo, sd_arm):
     assert {"psnr", "psnr_body", "mae_hu"} <= set(vae_check)
     assert {f"{rung}.psnr_body" for rung in RUNGS} <= set(evaluate)
     assert {f"{GAIN_KEY}.psnr_body.mean", f"{GAIN_KEY}.mae_hu_body.ci95_low"} <= set(evaluate)
+    # The structure metrics and the reference, side by side for the two arms.
+    assert {f"{rung}.{name}" for rung in RUNGS for name in FINDINGS} <= set(evaluate)
+    assert {"model_minus_reference.psnr_body.mean", "model_minus_reference.embolus_conspicuity.mean",
+            f"{GAIN_KEY}.false_defect_fraction.ci95_high"} <= set(evaluate)
     assert repo.dvc("plots", "diff", "main", "maisi", "-o", str(repo.root / "plots_out")).returncode == 0
 
 

@@ -38,6 +38,9 @@ def tiny_params(use_maisi: bool = False, **train: Any) -> Params:
                 "maisi": {"scratch": {"num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8}},
                 "sd": {"scratch": {"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 8}}},
         "train": train_defaults,
+        # The supervised reference (evaluate's `reference` rung) at the same seconds-long scale.
+        "sr_reference": {"epochs": 1, "patch": [8, 16, 16], "batch_size": 2, "patches_per_volume": 2,
+                         "channels": [4, 8], "strides": [2], "warmup_steps": 1, "checkpoint_every": 2},
     })
 
 

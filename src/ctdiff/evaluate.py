@@ -6,8 +6,12 @@ is sampled from series 1 (DDIM for a DDPM-trained model, Euler steps for rectifi
 window by window (MONAI ``SlidingWindowInferer`` around the UNet at every step, Gaussian blending), so
 any size works. Every rung of the ladder (:mod:`ctdiff.rungs`: model, model_raw, the baselines raw and
 projected onto series 1's slabs, the VAE ceiling raw and projected) is built from that one decode and
-scored (:mod:`ctdiff.scoring`) against series 2 with ``psnr``, ``ssim``, ``mae_hu`` and ``*_body``; the
-paired per-case gain of ``model`` over ``baseline_consistent`` gets a seeded bootstrap interval.
+scored (:mod:`ctdiff.scoring`) against series 2 with ``psnr``, ``ssim``, ``mae_hu`` and ``*_body``, and,
+where the case has a label map (the phantoms), with the structure metrics of :mod:`ctdiff.structures`
+(MAE per structure, embolus conspicuity, false filling defects). The ``reference`` rung is the
+``sr_reference`` stage's supervised network. The paired per-case gains of ``model`` over
+``baseline_consistent`` and over ``reference`` (and of ``reference`` over ``baseline_consistent``) get
+seeded bootstrap intervals (:data:`PAIRS`).
 """
 
 from __future__ import annotations
@@ -33,17 +37,23 @@ from ctdiff.denoiser import build_unet, crop_latent, pad_latent
 from ctdiff.device import pick_device
 from ctdiff.diffusion import LatentTarget, sample, sampling_scheduler
 from ctdiff.grid import Grid, image_from_array, resample, to_int16_hu
-from ctdiff.images import ladder_panel
+from ctdiff.images import densest_plane, ladder_panel
 from ctdiff.io import atomic_dir, atomic_write_text
 from ctdiff.latents import VaeAdapter, latent_patch_shape
 from ctdiff.metrics import METRIC_NAMES, atomic_live
 from ctdiff.params import Params
+from ctdiff.reference import load_reference, predict_reference
 from ctdiff.rungs import build_ladder, decoded_change
 from ctdiff.scoring import paired_gains, score_rungs, summarise
 from ctdiff.slab import case_consistency
+from ctdiff.structures import CONSPICUITY, FALSE_DEFECTS, STRUCTURE_METRICS, StructureTruth
 
 CHECKPOINTS = ("best.pt", "last.pt")  # best by val loss; last when no validation improved on the first
 GAIN_KEY = "model_minus_baseline_consistent"  # paired per-case gain of the model over the honest baseline
+# The paired comparisons evaluate reports, as (rung, against): metrics.json key "<rung>_minus_<against>".
+PAIRS = (("model", "baseline_consistent"), ("model", "reference"), ("reference", "baseline_consistent"))
+TITLED = ("model", "model_raw", "reference", "baseline_consistent", "vae_ceiling_consistent")  # PNG panel titles
+PLOTTED = (CONSPICUITY, FALSE_DEFECTS)  # per case and rung, as DVC plots (plots/custom/<metric>.json)
 
 
 @dataclass
@@ -131,9 +141,23 @@ def vae_round_trip(vae: VaeAdapter, hu: np.ndarray) -> np.ndarray:
     return vae.decode_hu(vae.encode_posterior_hu(x).mean, hu.shape)[0, 0].float().cpu().numpy()
 
 
+def case_structures(case_dir: Path, meta: dict, target_hu: np.ndarray, params: Params) -> StructureTruth | None:
+    """The case's structure truth from ``labels.npy``, or None when the case has no labels (real data)."""
+    path = case_dir / "labels.npy"
+    if not path.is_file() or "labels" not in meta:
+        return None
+    return StructureTruth.build(np.load(path), meta["labels"]["classes"], target_hu,
+                                Grid.from_meta(meta["grid"]).spacing_mm, meta["category"],
+                                params.evaluate.lumen_ring_mm, params.evaluate.defect_hu)
+
+
 def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,
-             pred_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Run the stage; returns the summary written to ``live_dir/metrics.json``."""
+             pred_dir: Path, progress: bool = True, reference_dir: Path | None = None) -> dict[str, Any]:
+    """Run the stage; returns the summary written to ``live_dir/metrics.json``.
+
+    ``reference_dir`` holds the sr_reference stage's checkpoints (the ``reference`` rung); None leaves
+    that rung out.
+    """
     ep = params.evaluate
     splits = json.loads((processed_dir / "splits.json").read_text())
     case_ids = sorted(splits["test"])[: ep.max_cases or None]
@@ -141,6 +165,7 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
         raise RuntimeError(f"{processed_dir}/splits.json has no test case: nothing to evaluate")
     device = pick_device(params.train.device)
     model = load_trained_model(params, vae_dir, ckpt_dir, device)
+    reference = load_reference(params, reference_dir, device) if reference_dir is not None else None
     rows: list[dict[str, Any]] = []
     per_case: list[dict[str, dict[str, float]]] = []
     seconds: list[float] = []
@@ -164,9 +189,11 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
                 model_raw, vae_ceiling = decoded_change(model_raw, baseline, anchor), decoded_change(vae_ceiling,
                                                                                                     baseline, anchor)
             bspline = resample(series1, grid1, grid, "bspline") if ep.bspline_baseline else None
-            ladder = build_ladder(model_raw, vae_ceiling, baseline, bspline,
-                                  partial(operator.project, measured=measured), ep.consistency)
-            scores = score_rungs(ladder, target, params.vae.hu_range)
+            project = partial(operator.project, measured=measured)
+            reference_raw = None if reference is None else predict_reference(reference, params, project(baseline))
+            ladder = build_ladder(model_raw, vae_ceiling, baseline, bspline, project, ep.consistency, reference_raw)
+            structures = case_structures(case_dir, meta, target, params)
+            scores = score_rungs(ladder, target, params.vae.hu_range, structures)
             per_case.append(scores)
             row: dict[str, Any] = {"case_id": case_id, "category": meta["category"], "seconds": seconds[-1],
                                    "slabs": operator.n_slabs}
@@ -174,13 +201,13 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
             rows.append(row)
 
             series1_shown = resample(series1, grid1, grid, "nearest")  # thick slabs as acquired
-            columns = [("model", ladder["model"]), ("model_raw", model_raw), ("series 1", series1_shown),
-                       ("baseline_consistent", ladder["baseline_consistent"])]
+            columns = [("model", ladder["model"]), ("model_raw", model_raw),
+                       *([("reference", ladder["reference"])] if "reference" in ladder else []),
+                       ("series 1", series1_shown), ("baseline_consistent", ladder["baseline_consistent"])]
+            psnrs = ", ".join(f"{rung} {scores[rung]['psnr_body']:.2f}" for rung in TITLED if rung in scores)
             fig = ladder_panel(columns, target, grid.spacing_mm, ep.window_hu,
-                               f"{case_id} ({meta['category']}): psnr_body model {row['model_psnr_body']:.2f} dB, "
-                               f"model_raw {row['model_raw_psnr_body']:.2f}, baseline_consistent "
-                               f"{row['baseline_consistent_psnr_body']:.2f}, vae_ceiling_consistent "
-                               f"{row['vae_ceiling_consistent_psnr_body']:.2f}")
+                               f"{case_id} ({meta['category']}): psnr_body dB {psnrs}{findings_line(scores)}",
+                               through=embolus_plane(structures))
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=80)
             png = Path(live.plots_dir) / "images" / f"{case_id}.png"
@@ -191,12 +218,22 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
                                 str(preds / f"{case_id}.nii.gz"), useCompression=True)
 
         for rung, metrics in summarise(per_case).items():
-            for name in METRIC_NAMES:
-                live.log_metric(f"{rung}/{name}", metrics[name], plot=False)
-        gains = paired_gains(per_case, "model", "baseline_consistent", params.seed)
-        for name, interval in gains.items():
-            for key, value in interval.items():
-                live.log_metric(f"{GAIN_KEY}/{name}/{key}", value, plot=False)
+            for name in (*METRIC_NAMES, *STRUCTURE_METRICS):
+                if name in metrics:  # a structure metric only where some case has labels for it
+                    live.log_metric(f"{rung}/{name}", metrics[name], plot=False)
+        for rung, against in PAIRS:
+            if rung not in per_case[0] or against not in per_case[0]:
+                continue
+            for name, interval in paired_gains(per_case, rung, against, params.seed).items():
+                for key, value in interval.items():
+                    live.log_metric(f"{rung}_minus_{against}/{name}/{key}", value, plot=False)
+        for name in PLOTTED:
+            points = [{"case_rung": f"{row['case_id']} {rung}", "case_id": row["case_id"], "rung": rung,
+                       name: scores[rung][name]}
+                      for row, scores in zip(rows, per_case) for rung in scores if name in scores[rung]]
+            if points:
+                live.log_plot(name, points, x=name, y="case_rung", template="bar_horizontal",
+                              title=f"{name} per case and rung")
         live.log_metric("sampling/seconds_per_volume", float(np.mean(seconds)), plot=False)
         live.log_metric("cases", len(case_ids), plot=False)
         live.summary.update({"vae": {"codec": model.vae.name, "weights": model.vae.weights},
@@ -209,10 +246,26 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
     return json.loads((live_dir / "metrics.json").read_text())
 
 
+def embolus_plane(structures: StructureTruth | None) -> tuple[int, int] | None:
+    """Where the panel's planes cut when the case has emboli: through most of them (else the mid-planes)."""
+    if structures is None or "embolus" not in structures.masks:
+        return None
+    return densest_plane(structures.masks["embolus"])
+
+
+def findings_line(scores: dict[str, dict[str, float]]) -> str:
+    """The panel title's second line: the findings metrics of model, reference and baseline_consistent."""
+    parts = [f"{name} " + ", ".join(f"{rung} {scores[rung][name]:.2f}" for rung in
+                                     ("model", "reference", "baseline_consistent") if name in scores.get(rung, {}))
+             for name in PLOTTED if name in scores["model"]]
+    return "\n" + "; ".join(parts) if parts else ""
+
+
 def write_per_case_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """One row per case: id, category, sampling seconds, then ``<arm>_<metric>`` columns (a DVC plot)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # cases without labels lack some columns
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -14,6 +14,14 @@ from matplotlib.figure import Figure
 ERROR_HU_MAX = 200.0  # colour scale of the |error| column; larger errors saturate
 
 
+def densest_plane(mask: np.ndarray) -> tuple[int, int] | None:
+    """(k, j): the axial slice holding most of ``mask`` (D, H, W), and in it the row holding most; None if empty."""
+    if not mask.any():
+        return None
+    k = int(mask.sum(axis=(1, 2)).argmax())
+    return k, int(mask[k].sum(axis=1).argmax())
+
+
 def orthogonal_panel(ref_hu: np.ndarray, pred_hu: np.ndarray, spacing_mm: Sequence[float],
                      hu_range: Sequence[float], title: str = "",
                      labels: tuple[str, str] = ("input", "reconstruction")) -> Figure:
@@ -52,17 +60,19 @@ def orthogonal_panel(ref_hu: np.ndarray, pred_hu: np.ndarray, spacing_mm: Sequen
 
 
 def ladder_panel(columns: list[tuple[str, np.ndarray]], truth_hu: np.ndarray, spacing_mm: Sequence[float],
-                 window_hu: Sequence[float], title: str) -> Figure:
-    """Axial and coronal mid-planes of each (label, (D, H, W) HU) column, the truth, then |first - truth| HU.
+                 window_hu: Sequence[float], title: str, through: tuple[int, int] | None = None) -> Figure:
+    """Axial and coronal planes of each (label, (D, H, W) HU) column, the truth, then |first - truth| HU.
 
-    Coronal planes are shown head up (the k axis runs inferior to superior in LPS) at the true aspect
-    ratio (slice spacing / pixel), each row as tall as its anatomy, so thick slabs look as thick as they
-    are and a thin series' z detail is visible.
+    The planes are the mid-planes, or pass through voxel slice ``through = (k, j)`` (axial slice k,
+    coronal row j: e.g. an embolus). Coronal planes are shown head up (the k axis runs inferior to
+    superior in LPS) at the true aspect ratio (slice spacing / pixel), each row as tall as its anatomy, so
+    thick slabs look as thick as they are and a thin series' z detail is visible.
     """
     sx, sy, sz = (float(s) for s in spacing_mm)
     d, h, w = truth_hu.shape
+    k, j = through if through is not None else (d // 2, h // 2)
     error = np.abs(columns[0][1].astype(np.float32) - truth_hu.astype(np.float32))
-    views = [("axial", lambda v: v[d // 2], sy / sx), ("coronal", lambda v: v[::-1, h // 2, :], sz / sx)]
+    views = [(f"axial {k}", lambda v: v[k], sy / sx), (f"coronal {j}", lambda v: v[::-1, j, :], sz / sx)]
     shown = [*columns, ("truth", truth_hu)]
     heights = [h * sy / (w * sx), d * sz / (w * sx)]
     width_in = 2.6

@@ -355,9 +355,12 @@ class EvaluateParams:
     decode: Literal["sample", "change"] = "sample"  # change: baseline + D(z) - D(E(baseline)) (VAE errors cancel)
     consistency: bool = True  # model = the decoded sample projected onto series 1's slabs; false: the raw decode
     slab_profile: Literal["box", "triangle", "gaussian"] = "box"  # series 1's slice sensitivity profile
+    lumen_ring_mm: float = 4.0  # embolus conspicuity: patent lumen within this distance of an embolus
+    defect_hu: float = 175.0  # false filling defects: lumen below this HU (midway, phantom lumen 300 / embolus 50)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "evaluate.steps", "must be >= 1")
+        _require(self.lumen_ring_mm > 0, "evaluate.lumen_ring_mm", "must be > 0")
         _require(self.samples >= 1, "evaluate.samples", "must be >= 1")
         _require(self.window_batch >= 1, "evaluate.window_batch", "must be >= 1")
         _require(self.max_cases >= 0, "evaluate.max_cases", "must be >= 0 (0 = all)")

@@ -7,6 +7,9 @@ differences are the differences between the methods, not between draws:
 - ``model``: the decoded sample projected onto series 1's slabs (``evaluate.consistency``, default) or
   the raw decode (``consistency: false``). ``data/predictions`` holds this one.
 - ``model_raw``: the decoded sample as the decoder produced it.
+- ``reference``: the plain supervised super-resolution network (the ``sr_reference`` stage,
+  :mod:`ctdiff.reference`), a residual on ``baseline_consistent``, projected like ``model``: what a user
+  would pick instead of latent diffusion.
 - ``baseline``: series 1 linearly interpolated onto the grid (``source.npy``).
 - ``baseline_bspline``: the same with a cubic B-spline (``evaluate.bspline_baseline``).
 - ``baseline_consistent``: ``baseline`` projected onto the slabs: the honest baseline for a projected model.
@@ -27,17 +30,20 @@ from collections.abc import Callable
 
 import numpy as np
 
-RUNGS = ("model", "model_raw", "baseline", "baseline_bspline", "baseline_consistent", "vae_ceiling",
+RUNGS = ("model", "model_raw", "reference", "baseline", "baseline_bspline", "baseline_consistent", "vae_ceiling",
          "vae_ceiling_consistent")
 Project = Callable[[np.ndarray], np.ndarray]
 
 
 def build_ladder(model_raw: np.ndarray, vae_ceiling: np.ndarray, baseline: np.ndarray,
-                 baseline_bspline: np.ndarray | None, project: Project, consistency: bool) -> dict[str, np.ndarray]:
-    """{rung: (D, H, W) float32 HU} in :data:`RUNGS` order; ``baseline_bspline`` None leaves that rung out."""
+                 baseline_bspline: np.ndarray | None, project: Project, consistency: bool,
+                 reference_raw: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """{rung: (D, H, W) float32 HU} in :data:`RUNGS` order; ``baseline_bspline`` or ``reference_raw``
+    None leaves that rung out."""
     ladder = {
         "model": project(model_raw) if consistency else model_raw,
         "model_raw": model_raw,
+        "reference": None if reference_raw is None else (project(reference_raw) if consistency else reference_raw),
         "baseline": baseline,
         "baseline_bspline": baseline_bspline,
         "baseline_consistent": project(baseline),
