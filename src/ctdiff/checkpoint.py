@@ -1,4 +1,8 @@
-"""Training checkpoints: atomic save, ``weights_only`` load, RNG states, and the hash that decides resume-or-fresh.
+"""Resumable training: atomic checkpoints, ``weights_only`` load, RNG states, the hash that decides
+resume-or-fresh, the stop-on-signal flag, and the LR schedule a resumed run restores.
+
+Shared by every training stage (train, sr_reference) and free of any model or VAE code, so a stage that
+trains something else does not depend on the diffusion stack.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (state dicts, RNG states,
 counters), so ``torch.load(weights_only=True)`` reads it: no pickled objects, nothing executed on load.
@@ -16,11 +20,14 @@ import hashlib
 import json
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from ctdiff.io import atomic_path
 
@@ -98,3 +105,63 @@ def set_rng_state(state: dict[str, Any], numpy_rng: np.random.Generator) -> None
 def _as_tuples(x: Any) -> Any:
     """``random.setstate`` wants tuples where a round trip may give lists."""
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ------------------------------------------------------------------------------------ stop and resume
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing of the failing step was written."""
+
+
+class TrainInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; ``last.pt`` holds the last finished step."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; last.pt saved, "
+                         f"rerun the stage to continue")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set ``signum`` instead of killing: the loop finishes its step and checkpoints.
+
+    A second signal of the same kind gets the default behaviour (an impatient Ctrl-C twice still kills).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @classmethod
+    def install(cls) -> StopFlag:
+        flag = cls()
+        if threading.current_thread() is threading.main_thread():
+            for sig in cls.SIGNALS:
+                flag._previous[sig] = signal.signal(sig, flag._handle)
+        return flag
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# -------------------------------------------------------------------------------------- LR schedule
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float
+                  ) -> LRScheduler:
+    """Linear warm-up from 1 % of the LR over ``warmup_steps``, then cosine decay to ``min_ratio`` x LR."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    base_lr = optimizer.param_groups[0]["lr"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=base_lr * min_ratio)
+    if not warmup_steps:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ctdiff.io import atomic_path
 from ctdiff.params import ParamsError, VaeParams
 from ctdiff.vae.base import LatentCodec, kl_divergence
-from ctdiff.vae.data import Case
+from ctdiff.vae.data import Case, data_fingerprint
 from ctdiff.vae.load import load_codec
 
 
@@ -206,13 +206,6 @@ def _sampled_std(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor
     pooled_means = torch.cat([m.flatten() for m in means]).double()
     pooled_variances = torch.cat([v.flatten() for v in variances]).double()
     return float((pooled_means.var(unbiased=False) + pooled_variances.mean()).sqrt())
-
-
-def data_fingerprint(case: Case) -> str:
-    """Identity of a processed case: its meta.json (which carries preprocess's own fingerprint) and tensor sizes."""
-    parts = [(case.folder / "meta.json").read_bytes().decode("utf-8", "replace")]
-    parts += [str((case.folder / f"{w}.npy").stat().st_size) for w in ("source", "target")]
-    return _digest(parts)
 
 
 # ------------------------------------------------------------------------------------------- patches

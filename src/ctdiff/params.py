@@ -341,6 +341,52 @@ class TrainParams:
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 
+# -------------------------------------------------------------------------------------- sr_reference
+@dataclass(frozen=True)
+class SrReferenceParams:
+    """The supervised reference (``ctdiff.reference``): a MONAI ``UNet`` in image space predicting the thin
+    series as a residual on the slab-consistent baseline, L1 in [0, 1] over ``vae.hu_range``.
+
+    ``channels``/``strides`` are the UNet's own arguments (``len(strides) == len(channels) - 1``);
+    ``patch`` must be divisible by the product of the strides on every axis, so the skip connections line
+    up. Inference runs a Gaussian-blended sliding window of ``patch``.
+    """
+
+    epochs: int = 12
+    batch_size: int = 8  # patches per optimizer step
+    patches_per_volume: int = 64  # random patches per training volume per epoch
+    patch: tuple[int, int, int] = (16, 64, 64)  # voxels [D, H, W]; also the inference window
+    lr: float = 3.0e-3
+    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio over all steps
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    channels: tuple[int, ...] = (16, 32, 64)
+    strides: tuple[int, ...] = (2, 2)
+    overlap: float = 0.25  # sliding-window overlap at inference (val and evaluate)
+    window_batch: int = 8  # windows per network call at inference
+    checkpoint_every: int = 100  # steps between last.pt writes (plus one at every epoch end)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        key = "sr_reference"
+        _require(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        _require(self.batch_size >= 1 and self.patches_per_volume >= 1, key,
+                 "batch_size and patches_per_volume must be >= 1")
+        _require(self.lr > 0, f"{key}.lr", "must be > 0")
+        _require(0.0 <= self.lr_min_ratio <= 1.0, f"{key}.lr_min_ratio", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0 and self.weight_decay >= 0, key, "warmup_steps and weight_decay must be >= 0")
+        _require(len(self.channels) >= 2 and all(c >= 1 for c in self.channels), f"{key}.channels",
+                 "needs >= 2 levels of >= 1 channel")
+        _require(len(self.strides) == len(self.channels) - 1 and all(s >= 1 for s in self.strides),
+                 f"{key}.strides", "needs one stride >= 1 per level after the first (len(channels) - 1)")
+        multiple = math.prod(self.strides)
+        _require(all(p > 0 and p % multiple == 0 for p in self.patch), f"{key}.patch",
+                 f"sizes must be multiples of {multiple} (the product of {key}.strides)")
+        _require(0.0 <= self.overlap < 1.0, f"{key}.overlap", "must be in [0, 1)")
+        _require(self.window_batch >= 1, f"{key}.window_batch", "must be >= 1")
+        _require(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be >= 1")
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 @dataclass(frozen=True)
 class EvaluateParams:
@@ -377,6 +423,7 @@ class Params:
     vae: VaeParams = field(default_factory=VaeParams)
     vae_check: VaeCheckParams = field(default_factory=VaeCheckParams)
     train: TrainParams = field(default_factory=TrainParams)
+    sr_reference: SrReferenceParams = field(default_factory=SrReferenceParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:

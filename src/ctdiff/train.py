@@ -41,7 +41,6 @@ import random
 import resource
 import shutil
 import signal
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -56,10 +55,19 @@ import torch.nn.functional as F
 from dvclive import Live
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm import tqdm
 
-from ctdiff.checkpoint import params_hash, resumable, rng_state, save_checkpoint, set_rng_state
+from ctdiff.checkpoint import (
+    StopFlag,
+    TrainingDiverged,
+    TrainInterrupted,
+    params_hash,
+    resumable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    warmup_cosine,
+)
 from ctdiff.denoiser import build_unet
 from ctdiff.device import pick_device
 from ctdiff.diffusion import LatentTarget, diffusion_loss, training_scheduler
@@ -68,7 +76,6 @@ from ctdiff.latents import (
     PatchSampler,
     VaeAdapter,
     cut_patch,
-    data_fingerprint,
     epoch_order,
     latent_patch_shape,
     rank_batches,
@@ -76,7 +83,7 @@ from ctdiff.latents import (
 )
 from ctdiff.metrics import psnr
 from ctdiff.params import Params, TrainParams, to_dict
-from ctdiff.vae.data import Case, split_cases
+from ctdiff.vae.data import Case, data_fingerprint, split_cases
 
 LAST, BEST = "last.pt", "best.pt"
 LATENT_CACHE_DIR = "latents"
@@ -86,23 +93,6 @@ LATENT_CACHE_DIR = "latents"
 DIST_TIMEOUT = timedelta(minutes=30)
 # train params that change how a run executes or is observed, not the model it produces
 NOT_SHAPING = ("device", "precision", "checkpoint_every", "latent_cache")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing of the failing step was written."""
-
-
-class TrainInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; ``last.pt`` holds the last finished step."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; last.pt saved, "
-                         f"rerun the stage to continue")
-        self.signum, self.step = signum, step
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 @dataclass
@@ -485,18 +475,6 @@ def shaping_params(params: Params, vae: VaeAdapter, train_cases: list[Case], val
     }
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float
-                  ) -> LRScheduler:
-    """Linear warm-up from 1 % of the LR over ``warmup_steps``, then cosine decay to ``min_ratio`` x LR."""
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    base_lr = optimizer.param_groups[0]["lr"]
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=base_lr * min_ratio)
-    if not warmup_steps:
-        return cosine
-    warmup = LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
-
-
 def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
     """||after - before|| / ||before|| over all floating-point tensors of two state dicts (0 = unchanged)."""
     diff = sum(float((after[k].detach().cpu().double() - v.double()).pow(2).sum())
@@ -584,32 +562,3 @@ class DistEnv:
         if self.world_size > 1 and dist.is_initialized():
             gc.collect()
             dist.destroy_process_group()
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set ``signum`` instead of killing: the loop finishes its step and checkpoints.
-
-    A second signal of the same kind gets the default behaviour (an impatient Ctrl-C twice still kills).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @classmethod
-    def install(cls) -> StopFlag:
-        flag = cls()
-        if threading.current_thread() is threading.main_thread():
-            for sig in cls.SIGNALS:
-                flag._previous[sig] = signal.signal(sig, flag._handle)
-        return flag
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

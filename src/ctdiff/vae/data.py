@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,3 +44,14 @@ def split_cases(processed_dir: Path, split: str, max_cases: int = 0) -> list[Cas
         meta = json.loads((processed_dir / case_id / "meta.json").read_text())
         cases.append(Case(case_id, processed_dir / case_id, tuple(float(s) for s in meta["grid"]["spacing"])))
     return cases
+
+
+def data_fingerprint(case: Case) -> str:
+    """Identity of a processed case: its meta.json (which carries preprocess's own fingerprint) and tensor sizes.
+
+    What a resumed training run (train, sr_reference) must find unchanged; here, beside :class:`Case`, so a
+    stage can check it without loading any VAE code.
+    """
+    parts = [(case.folder / "meta.json").read_bytes().decode("utf-8", "replace")]
+    parts += [str((case.folder / f"{w}.npy").stat().st_size) for w in ("source", "target")]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
