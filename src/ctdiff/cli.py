@@ -11,7 +11,7 @@ import runpy
 import sys
 from pathlib import Path
 
-STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "evaluate")
+STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,7 +260,7 @@ def train_reference(params: Params, processed_dir: Path, ckpt_dir: Path, live_di
                     progress: bool = True) -> ReferenceResult:
     """Run (or resume) the sr_reference stage; see the module docstring. Returns what happened."""
     sp = params.sr_reference
-    device = pick_device(sp.device)
+    device = pick_device(sp.device, key="sr_reference.device")
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     rng = np.random.default_rng([params.seed, 0x5E])  # patch cases and corners
