@@ -90,5 +90,5 @@ def ladder_panel(columns: list[tuple[str, np.ndarray]], truth_hu: np.ndarray, sp
     for ax in axes.flat:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.6)  # room for the second row's titles under the first row's images
     return fig
