@@ -78,9 +78,10 @@ def extracted(dataset, tmp_path_factory) -> tuple[Path, int]:
 
 def test_zip_layout_matches_ape_data(dataset):
     raw, paths = dataset
-    assert sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()) == sorted(
-        p.relative_to(raw).as_posix() for p in paths
-    )
+    files = sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file())
+    # The zips, and beside them (never inside) the tissue labels of each case with their class table.
+    assert files == sorted([*(p.relative_to(raw).as_posix() for p in paths),
+                            *(f"labels/{p.stem}.nii.gz" for p in paths), "labels/classes.json"])
     numbers = sorted(int(p.stem.split("_")[1]) for p in paths)
     assert numbers == [1, 2, 3]  # unique across both categories
     ape = {p for p in paths if p.parent.name == "APE"}

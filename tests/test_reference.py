@@ -1,9 +1,6 @@
 """The sr_reference stage on tiny real inputs: it learns, predicts any shape, loads back, and resumes after a kill."""
 
 import json
-import signal
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_train import finish, start
+from test_train import sigterm_mid_epoch
 from trainkit import smooth_field
 from vae_helpers import single_torch_thread, write_processed  # noqa: F401  (fixture)
 
@@ -27,7 +24,6 @@ from ctdiff.reference import (
 )
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 32, 32)  # (D, H, W) voxels; series 1 = slabs of 4 of them
 
 
@@ -155,17 +151,8 @@ def test_sigterm_mid_epoch_then_rerun_continues_to_the_same_end(tmp_path):
     steps_per_epoch, total = 60, 120  # 3 train cases x 40 patches / batch 2, x 2 epochs
     ws = workspace(tmp_path / "killed")
     (tmp_path / "killed" / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
-    proc = start([sys.executable, str(REPO / "stages" / "sr_reference.py")], cwd=tmp_path / "killed")
     last = ws["ckpt_dir"] / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    returncode, out = finish(proc)
-    assert returncode == 128 + signal.SIGTERM, out
-    assert "stopped by SIGTERM" in out
-    saved = load_checkpoint(last)["step"]
-    assert 0 < saved < total and saved % steps_per_epoch, f"killed at step {saved}, not mid-epoch"
+    saved = sigterm_mid_epoch("sr_reference", tmp_path / "killed", last, total, steps_per_epoch)
 
     resumed = run(params, ws)
     assert resumed.start_step == saved and resumed.steps == total

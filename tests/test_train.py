@@ -54,6 +54,22 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def sigterm_mid_epoch(stage: str, folder: Path, last: Path, total: int, steps_per_epoch: int) -> int:
+    """Run ``stages/<stage>.py`` in ``folder`` (its params.yaml), SIGTERM it once ``last`` appears, check it
+    stopped as a killed stage does (exit 128 + SIGTERM, last.pt mid-epoch); returns the saved step."""
+    proc = start([sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=folder)
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    returncode, out = finish(proc)
+    assert returncode == 128 + signal.SIGTERM, out
+    assert "stopped by SIGTERM" in out
+    saved = load_checkpoint(last)["step"]
+    assert 0 < saved < total and saved % steps_per_epoch, f"killed at step {saved}, not mid-epoch"
+    return saved
+
+
 def vae_weights(vae_dir: Path, use_maisi: bool) -> dict[str, torch.Tensor]:
     if use_maisi:
         return read_maisi_checkpoint(vae_dir / "autoencoder.pt")
@@ -92,17 +108,8 @@ def test_sigterm_mid_epoch_then_rerun_continues_to_the_same_end(tmp_path):
     steps_per_epoch, total = 9, 27  # 3 train cases x 6 patches / batch 2, x 3 epochs
     ws = workspace(tmp_path / "killed", params)
     (tmp_path / "killed" / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
-    proc = start([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path / "killed")
     last = ws["ckpt_dir"] / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    returncode, out = finish(proc)
-    assert returncode == 128 + signal.SIGTERM, out
-    assert "stopped by SIGTERM" in out
-    saved = load_checkpoint(last)["step"]
-    assert 0 < saved < total and saved % steps_per_epoch, f"killed at step {saved}, not mid-epoch"
+    saved = sigterm_mid_epoch("train", tmp_path / "killed", last, total, steps_per_epoch)
 
     resumed = run(params, ws)
     assert resumed.start_step == saved and resumed.steps == total
