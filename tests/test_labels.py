@@ -104,3 +104,21 @@ def test_a_label_map_on_the_wrong_grid_is_ignored_with_a_warning(raw, tmp_path):
     entry = next(c for c in report["cases"] if c["case_id"] == "case_003")
     assert entry["status"] == "ok" and any("label map ignored" in w for w in entry["warnings"])
     assert not (out / "case_003" / "labels.npy").exists()
+
+
+def test_a_local_source_with_label_maps_brings_them_along(raw, tmp_path):
+    """Real data with a segmentation: the same layout as the phantoms' (labels/ beside the category folders)."""
+    source = tmp_path / "ape-data"
+    shutil.copytree(raw, source)
+    labels_path(source, "case_003").unlink()  # one case without a map
+    raw_dir = tmp_path / "data" / "raw"
+    fetch_data(params_from_dict({"data": {"source": "local", "local_dir": str(source)}}), raw_dir)
+    assert sorted(p.name for p in (raw_dir / "labels").iterdir()) == ["case_001.nii.gz", "case_002.nii.gz",
+                                                                       "classes.json"]
+    out = tmp_path / "processed"
+    preprocess(params(), raw_dir, out, progress=False)
+    assert (out / "case_001" / "labels.npy").is_file() and not (out / "case_003" / "labels.npy").exists()
+    # Without the class table the maps mean nothing: none is linked.
+    (source / "labels" / "classes.json").unlink()
+    fetch_data(params_from_dict({"data": {"source": "local", "local_dir": str(source)}}), raw_dir)
+    assert not (raw_dir / "labels").exists()

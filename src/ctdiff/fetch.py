@@ -15,7 +15,9 @@ are recognised case-insensitively (``ape``, ``Non-APE``, ``non_ape`` ...) and wr
 canonical names; zips directly in the source root are linked into the root of ``raw_dir``, which the
 preprocess stage reads as category ``unknown``; other folders and files are ignored. A missing or empty
 category folder is fine as long as some zip is found. Case ids are zip stems and must be unique across
-folders.
+folders. Label maps travel along where the source has them (``labels/<case_id>.nii.gz`` with
+``labels/classes.json``, :mod:`ctdiff.labels`; the phantoms always do): they are linked into
+``raw_dir/labels/`` for the cases linked, and preprocess carries them onto the common grid.
 
 Links, not copies: each zip is hard-linked (same inode, no extra space; needs the same filesystem), else
 symlinked (absolute path to the resolved file), else copied. The output folder is rebuilt whole in a
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctdiff.io import atomic_dir
+from ctdiff.labels import CLASSES_FILE, LABELS_DIR
 from ctdiff.params import HfDataParams, Params
 from ctdiff.phantom import CATEGORIES, write_phantom_dataset
 
@@ -91,7 +94,7 @@ def fetch_data(params: Params, raw_dir: Path, progress: bool = False) -> FetchSu
                 f"data.local_dir={data.local_dir!r} holds no .zip files in APE/, non-APE/ or its top level; "
                 f"point it at the APE-data folder, {_PHANTOM_HINT}"
             )
-        return _link_all("local", zips, raw_dir)
+        return _link_all("local", zips, raw_dir, find_labels(root, zips))
     if data.source == "hf":
         snapshot = download_hf_snapshot(data.hf)
         zips = find_zips(snapshot, _hf_patterns(data.hf))
@@ -100,7 +103,7 @@ def fetch_data(params: Params, raw_dir: Path, progress: bool = False) -> FetchSu
                 f"the snapshot of {data.hf.repo}@{data.hf.revision} holds no zips matching "
                 f"{list(_hf_patterns(data.hf))}; check data.hf.allow_patterns, {_PHANTOM_HINT}"
             )
-        return _link_all("hf", zips, raw_dir)
+        return _link_all("hf", zips, raw_dir, find_labels(snapshot, zips))
     raise DataFetchError(f"data.source={data.source!r} is not one of phantom, hf, local")
 
 
@@ -139,6 +142,16 @@ def find_zips(root: Path, patterns: tuple[str, ...] | None = None) -> list[tuple
     return found
 
 
+def find_labels(root: Path, zips: list[tuple[str, Path]]) -> list[Path]:
+    """Label maps the source holds for the cases being linked: ``root/labels/<case_id>.nii.gz`` and the
+    class table ``root/labels/classes.json`` (:mod:`ctdiff.labels`); none without the table."""
+    folder = root / LABELS_DIR
+    if not (folder / CLASSES_FILE).is_file():
+        return []
+    maps = [folder / f"{path.stem}.nii.gz" for _, path in zips]
+    return [folder / CLASSES_FILE, *(m for m in maps if m.is_file())]
+
+
 def link_or_copy(src: Path, dst: Path) -> str:
     """Make ``dst`` show ``src``'s bytes without copying where possible; returns how:
     ``hardlink``, ``symlink`` or ``copy``. ``src`` symlinks (the HF cache's) are resolved first."""
@@ -156,7 +169,7 @@ def link_or_copy(src: Path, dst: Path) -> str:
         return "copy"
 
 
-def _link_all(source: str, zips: list[tuple[str, Path]], raw_dir: Path) -> FetchSummary:
+def _link_all(source: str, zips: list[tuple[str, Path]], raw_dir: Path, labels: list[Path]) -> FetchSummary:
     how: Counter[str] = Counter()
     with atomic_dir(raw_dir) as tmp:
         for category in CATEGORIES:
@@ -164,6 +177,10 @@ def _link_all(source: str, zips: list[tuple[str, Path]], raw_dir: Path) -> Fetch
         for category, path in zips:
             folder = tmp if category == ROOT_CATEGORY else tmp / category
             how[link_or_copy(path, folder / path.name)] += 1
+        if labels:
+            (tmp / LABELS_DIR).mkdir()
+            for path in labels:
+                link_or_copy(path, tmp / LABELS_DIR / path.name)
     counts = Counter(category for category, _ in zips)
     ordered = {c: counts.get(c, 0) for c in (*CATEGORIES, ROOT_CATEGORY) if c in CATEGORIES or counts.get(c)}
     return FetchSummary(source, raw_dir, ordered, dict(how))
