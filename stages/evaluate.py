@@ -11,9 +11,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from ctdiff.evaluate import PAIRS, evaluate
 from ctdiff.params import ParamsError, load_params
 from ctdiff.rungs import RUNGS
+from ctdiff.structures import CONSPICUITY, FALSE_DEFECTS
 from ctdiff.vae.load import WeightsError
 
-FINDINGS = (("embolus_conspicuity", "conspicuity"), ("false_defect_fraction", "false_defects"))
+FINDINGS = ((CONSPICUITY, "conspicuity"), (FALSE_DEFECTS, "false_defects"))  # printed where the rung has them
 
 
 def main() -> int:

@@ -190,8 +190,8 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
                                                                                                     baseline, anchor)
             bspline = resample(series1, grid1, grid, "bspline") if ep.bspline_baseline else None
             project = partial(operator.project, measured=measured)
-            reference_raw = None if reference is None else predict_reference(reference, params, project(baseline))
-            ladder = build_ladder(model_raw, vae_ceiling, baseline, bspline, project, ep.consistency, reference_raw)
+            ladder = build_ladder(model_raw, vae_ceiling, baseline, bspline, project, ep.consistency,
+                                  None if reference is None else partial(predict_reference, reference, params))
             structures = case_structures(case_dir, meta, target, params)
             scores = score_rungs(ladder, target, params.vae.hu_range, structures)
             per_case.append(scores)

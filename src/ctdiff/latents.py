@@ -18,8 +18,6 @@ Latents here are unscaled (the VAE's own units); the training loop multiplies th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shutil
 from collections.abc import Iterator, Sequence
@@ -36,7 +34,7 @@ from tqdm import tqdm
 from ctdiff.io import atomic_path
 from ctdiff.params import ParamsError, VaeParams
 from ctdiff.vae.base import LatentCodec, kl_divergence
-from ctdiff.vae.data import Case, data_fingerprint
+from ctdiff.vae.data import Case, data_fingerprint, digest
 from ctdiff.vae.load import load_codec
 
 
@@ -100,7 +98,7 @@ class VaeAdapter:
     def fingerprint(self) -> str:
         """Identity of the VAE weights and of what shapes its latents (architecture, HU range)."""
         keys = ("codec", "config", "files", "hu_range", "downsample", "latent_channels")
-        return _digest({k: self.manifest.get(k) for k in keys})
+        return digest({k: self.manifest.get(k) for k in keys})
 
     def hu_to_x01(self, hu: torch.Tensor) -> torch.Tensor:
         return self.codec.hu_to_x01(hu)
@@ -168,7 +166,7 @@ class LatentCache:
               progress: bool = True) -> LatentCache:
         folder = None
         if cache_dir is not None:
-            folder = cache_dir / _digest([vae.fingerprint, [data_fingerprint(c) for c in cases]])
+            folder = cache_dir / digest([vae.fingerprint, [data_fingerprint(c) for c in cases]])
             for stale in cache_dir.glob("*"):
                 if stale != folder:
                     shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
@@ -320,7 +318,3 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int)
     mine = padded[rank::world_size]
     for start in range(0, per_rank, batch_size):
         yield [int(i) for i in mine[start:start + batch_size]]
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

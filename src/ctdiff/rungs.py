@@ -37,16 +37,18 @@ Project = Callable[[np.ndarray], np.ndarray]
 
 def build_ladder(model_raw: np.ndarray, vae_ceiling: np.ndarray, baseline: np.ndarray,
                  baseline_bspline: np.ndarray | None, project: Project, consistency: bool,
-                 reference_raw: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """{rung: (D, H, W) float32 HU} in :data:`RUNGS` order; ``baseline_bspline`` or ``reference_raw``
-    None leaves that rung out."""
+                 reference: Project | None = None) -> dict[str, np.ndarray]:
+    """{rung: (D, H, W) float32 HU} in :data:`RUNGS` order; ``baseline_bspline`` or ``reference`` None
+    leaves that rung out. ``reference`` maps ``baseline_consistent`` to the reference network's output."""
+    consistent = project(baseline)
+    reference_raw = None if reference is None else reference(consistent)
     ladder = {
         "model": project(model_raw) if consistency else model_raw,
         "model_raw": model_raw,
         "reference": None if reference_raw is None else (project(reference_raw) if consistency else reference_raw),
         "baseline": baseline,
         "baseline_bspline": baseline_bspline,
-        "baseline_consistent": project(baseline),
+        "baseline_consistent": consistent,
         "vae_ceiling": vae_ceiling,
         "vae_ceiling_consistent": project(vae_ceiling),
     }

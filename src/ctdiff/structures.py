@@ -88,25 +88,20 @@ class StructureTruth:
         return cls(truth, masks, ring, float(defect_hu), check, contrast, fraction)
 
     def metrics(self, pred_hu: np.ndarray) -> dict[str, float]:
-        """The metrics this case has, for one (D, H, W) HU prediction on the labels' grid."""
-        return structure_metrics(pred_hu, self)
-
-
-def structure_metrics(pred_hu: np.ndarray, truth: StructureTruth) -> dict[str, float]:
-    """``mae_hu_<structure>``, ``embolus_conspicuity`` and ``false_defect_fraction`` where the case has them."""
-    pred = np.asarray(pred_hu, np.float64)
-    if pred.shape != truth.truth_hu.shape:
-        raise ValueError(f"prediction {pred.shape} and truth {truth.truth_hu.shape} are not on one grid")
-    out: dict[str, float] = {}
-    for structure, mask in truth.masks.items():
-        out[f"mae_hu_{structure}"] = float(np.abs(pred[mask] - truth.truth_hu[mask]).mean())
-    if truth.truth_contrast is not None and truth.ring is not None:
-        contrast = pred[truth.ring].mean() - pred[truth.masks[EMBOLUS]].mean()
-        out[CONSPICUITY] = float(contrast / truth.truth_contrast)
-    if truth.check_false_defects and truth.truth_defect_fraction is not None:
-        out[FALSE_DEFECTS] = float((pred[truth.masks[ARTERY]] < truth.defect_hu).mean()
-                                   - truth.truth_defect_fraction)
-    return out
+        """``mae_hu_<structure>``, ``embolus_conspicuity`` and ``false_defect_fraction`` where the case has
+        them, for one (D, H, W) HU prediction on the labels' grid."""
+        pred = np.asarray(pred_hu, np.float64)
+        if pred.shape != self.truth_hu.shape:
+            raise ValueError(f"prediction {pred.shape} and truth {self.truth_hu.shape} are not on one grid")
+        out: dict[str, float] = {}
+        for structure, mask in self.masks.items():
+            out[f"mae_hu_{structure}"] = float(np.abs(pred[mask] - self.truth_hu[mask]).mean())
+        if self.truth_contrast is not None and self.ring is not None:
+            contrast = pred[self.ring].mean() - pred[self.masks[EMBOLUS]].mean()
+            out[CONSPICUITY] = float(contrast / self.truth_contrast)
+        if self.check_false_defects and self.truth_defect_fraction is not None:
+            out[FALSE_DEFECTS] = float((pred[self.masks[ARTERY]] < self.defect_hu).mean() - self.truth_defect_fraction)
+        return out
 
 
 def within_mm(mask: np.ndarray, spacing_mm: Sequence[float], distance_mm: float) -> np.ndarray:

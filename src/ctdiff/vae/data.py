@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -54,4 +54,9 @@ def data_fingerprint(case: Case) -> str:
     """
     parts = [(case.folder / "meta.json").read_bytes().decode("utf-8", "replace")]
     parts += [str((case.folder / f"{w}.npy").stat().st_size) for w in ("source", "target")]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(parts)
+
+
+def digest(obj: Any) -> str:
+    """Short content hash of a JSON-able object (keys sorted; other objects by ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
