@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ctdiff.dicom_write import SeriesSpec, encode_series
+from ctdiff.data.dicom_write import SeriesSpec, encode_series
+from ctdiff.data.preprocess import preprocess
 from ctdiff.params import params_from_dict
-from ctdiff.preprocess import preprocess
 
 OUT = Path(__file__).resolve().parent / "out"
 

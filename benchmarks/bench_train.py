@@ -9,7 +9,7 @@ costs the same as trained ones), writes ``--cases`` synthetic volume pairs in th
 times, with the train stage's own code and default ``train`` params (UNet, patch, batch):
 
 - **cached**: ``LatentCache.build`` once (reported separately), then frozen-phase steps that cut patches
-  from the cached posteriors (what ``ctdiff.train`` does);
+  from the cached posteriors (what ``ctdiff.training.ldm`` does);
 - **encode**: the same steps, but every patch pair is encoded by the frozen VAE first (no cache).
 
 Each step = cut patches, sample latents, UNet forward + backward + AdamW step. Prints a table; the
@@ -29,14 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctdiff.denoiser import build_unet
-from ctdiff.diffusion import diffusion_loss, training_scheduler
-from ctdiff.latents import LatentCache, PatchSampler, VaeAdapter, latent_patch_shape
+from ctdiff.data.processed import split_cases
+from ctdiff.models.denoiser import build_unet, latent_patch_shape
+from ctdiff.models.diffusion import diffusion_loss, training_scheduler
+from ctdiff.models.vae.adapter import VaeAdapter
+from ctdiff.models.vae.maisi import maisi_config
+from ctdiff.models.vae.sd import sd_scratch_config
+from ctdiff.models.vae.weights import new_codec, scratch_config
 from ctdiff.params import MaisiArchParams, SdArchParams, params_from_dict
-from ctdiff.vae.data import split_cases
-from ctdiff.vae.load import new_codec, scratch_config
-from ctdiff.vae.maisi import maisi_config
-from ctdiff.vae.sd import sd_scratch_config
+from ctdiff.training.latents import LatentCache, PatchSampler
 
 RELEASED = {"maisi": MaisiArchParams(), "sd": SdArchParams(block_out_channels=(128, 256, 512, 512),
                                                              layers_per_block=2, norm_num_groups=32)}

@@ -6,7 +6,7 @@
 The committed default trains against the pretrained SD VAE, which needs a download. Its cost does not
 depend on the weights' values, so this builds the released architecture with random weights
 (``new_codec``, same parameter count: printed), writes it to ``models/vae`` as vae_fit would, and runs
-``ctdiff.train.train`` on the default phantom data (fetch_data + preprocess, as ``dvc repro`` makes
+``ctdiff.training.ldm.train`` on the default phantom data (fetch_data + preprocess, as ``dvc repro`` makes
 it). Everything else, epochs, UNet, patch, batch, unfrozen epochs, validation, is the committed params.
 The loss values mean nothing here (random VAE); the seconds are the point.
 """
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from bench_train import RELEASED  # the released architectures (run as a script: benchmarks/ is on the path)
 
-from ctdiff.fetch import fetch_data
+from ctdiff.data.fetch import fetch_data
+from ctdiff.data.preprocess import preprocess
 from ctdiff.io import atomic_dir
+from ctdiff.models.vae.maisi import maisi_config
+from ctdiff.models.vae.sd import sd_scratch_config
+from ctdiff.models.vae.weights import new_codec, save_weights, write_manifest
 from ctdiff.params import load_params
-from ctdiff.preprocess import preprocess
-from ctdiff.train import train
-from ctdiff.vae.load import new_codec, save_weights, write_manifest
-from ctdiff.vae.maisi import maisi_config
-from ctdiff.vae.sd import sd_scratch_config
+from ctdiff.training.ldm import train
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
         n_params = sum(p.numel() for p in codec.module.parameters())
         with atomic_dir(root / "vae") as out:
             files = save_weights(codec, out)
-            write_manifest(out, codec, ".", files, {"source": "random, released architecture (benchmark)"}, 1.0)
+            write_manifest(out, codec, ".", files, {"source": "random, released architecture (benchmark)"})
         del codec
 
         tic = time.perf_counter()

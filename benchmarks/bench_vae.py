@@ -52,9 +52,9 @@ def worker(config: dict) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
+    from ctdiff.models.vae.maisi import MaisiCodec, maisi_config
+    from ctdiff.models.vae.sd import SdCodec
     from ctdiff.params import load_params
-    from ctdiff.vae.maisi import MaisiCodec, maisi_config
-    from ctdiff.vae.sd import SdCodec
 
     torch.manual_seed(0)
     shape = tuple(config["shape"])

@@ -8,11 +8,12 @@ from pathlib import Path
 # Before torch loads: OpenMP threads that sleep instead of spinning while they wait (see stages/train.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ctdiff.evaluate import PAIRS, evaluate
+from ctdiff.evaluation.evaluate import evaluate
+from ctdiff.evaluation.report import PAIRS
+from ctdiff.evaluation.rungs import RUNG_NAMES
+from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS
+from ctdiff.models.vae.weights import WeightsError
 from ctdiff.params import ParamsError, load_params
-from ctdiff.rungs import RUNGS
-from ctdiff.structures import CONSPICUITY, FALSE_DEFECTS
-from ctdiff.vae.load import WeightsError
 
 FINDINGS = ((CONSPICUITY, "conspicuity"), (FALSE_DEFECTS, "false_defects"))  # printed where the rung has them
 
@@ -26,7 +27,7 @@ def main() -> int:
     except (ParamsError, WeightsError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
-    for rung in RUNGS:
+    for rung in RUNG_NAMES:
         if rung in metrics:
             m = metrics[rung]
             findings = "".join(f"  {label} {m[name]:.3f}" for name, label in FINDINGS if name in m)

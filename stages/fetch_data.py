@@ -6,7 +6,7 @@ Run from the repository root: ``python stages/fetch_data.py`` (dvc.yaml does).
 import sys
 from pathlib import Path
 
-from ctdiff.fetch import DataFetchError, fetch_data
+from ctdiff.data.fetch import DataFetchError, fetch_data
 from ctdiff.params import ParamsError, load_params
 
 RAW_DIR = Path("data/raw")

@@ -7,9 +7,9 @@ Offline with an empty Hugging Face cache it stops in seconds and names the offli
 import sys
 from pathlib import Path
 
-from ctdiff.hub import HubError
+from ctdiff.data.hub import HubError
+from ctdiff.models.vae.weights import WeightsError, fetch_pretrained
 from ctdiff.params import ParamsError, load_params
-from ctdiff.vae.load import WeightsError, fetch_pretrained
 
 
 def main() -> int:

@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 
+from ctdiff.data.preprocess import PreprocessError, preprocess
 from ctdiff.params import ParamsError, load_params
-from ctdiff.preprocess import PreprocessError, preprocess
 
 
 def main() -> int:

@@ -13,9 +13,9 @@ from pathlib import Path
 # Before torch loads: OpenMP threads that sleep instead of spinning while they wait (see stages/train.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ctdiff.checkpoint import TrainingDiverged, TrainInterrupted
 from ctdiff.params import ParamsError, load_params
-from ctdiff.reference import train_reference
+from ctdiff.training.reference import train_reference
+from ctdiff.training.scaffold import TrainingDiverged, TrainInterrupted
 
 
 def main() -> int:

@@ -14,9 +14,10 @@ from pathlib import Path
 # (CI, a laptop, other jobs) spinning threads made CPU steps up to 20x slower; idle, it costs nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from ctdiff.models.vae.weights import WeightsError
 from ctdiff.params import ParamsError, load_params
-from ctdiff.train import TrainingDiverged, TrainInterrupted, train
-from ctdiff.vae.load import WeightsError
+from ctdiff.training.ldm import train
+from ctdiff.training.scaffold import TrainingDiverged, TrainInterrupted
 
 
 def main() -> int:

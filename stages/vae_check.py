@@ -8,12 +8,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+from ctdiff.data.processed import DataError
 from ctdiff.device import pick_device
-from ctdiff.metrics import atomic_live
+from ctdiff.evaluation.vae_check import check_vae
+from ctdiff.io import atomic_live
+from ctdiff.models.vae.weights import WeightsError
 from ctdiff.params import ParamsError, load_params
-from ctdiff.vae.check import check_vae
-from ctdiff.vae.data import DataError
-from ctdiff.vae.load import WeightsError
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
 vae.pretrained=true: the downloaded VAE, fine-tuned for vae.finetune_epochs (0 = as downloaded, not
 copied); vae.pretrained=false: the same architecture family trained from scratch for vae.scratch_epochs.
-Either way the latent scale factor (1 / std of training latents) goes into the manifest.
+The latent scale factor is the train stage's (computed from the latents it caches).
 """
 
 import os
@@ -13,12 +13,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+from ctdiff.data.processed import DataError
 from ctdiff.device import pick_device
-from ctdiff.metrics import atomic_live
+from ctdiff.io import atomic_live
+from ctdiff.models.vae.weights import WeightsError
 from ctdiff.params import ParamsError, load_params
-from ctdiff.vae.data import DataError
-from ctdiff.vae.fit import fit_vae
-from ctdiff.vae.load import WeightsError
+from ctdiff.training.vae_fit import fit_vae
 
 
 def main() -> int:
@@ -31,8 +31,8 @@ def main() -> int:
     except (ParamsError, WeightsError, DataError) as exc:
         print(f"vae_fit: {exc}", file=sys.stderr)
         return 1
-    print(f"vae_fit: {manifest['codec']} VAE ({manifest['weights']['source']}) -> models/vae, "
-          f"scale factor {manifest['scale_factor']:.4f}")
+    print(f"vae_fit: {manifest['codec']} VAE ({manifest['weights']['source']}) -> models/vae "
+          f"({manifest['train_seconds']:.0f} s of training)")
     return 0
 
 

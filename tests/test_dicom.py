@@ -19,11 +19,11 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import generate_uid
 
-from ctdiff.dicom import CasePair, CaseRejected, read_case
-from ctdiff.dicom_write import SeriesSpec, encode_series, write_series
-from ctdiff.grid import AIR_HU
+from ctdiff.data.dicom import CasePair, CaseRejected, read_case
+from ctdiff.data.dicom_write import SeriesSpec, encode_series, write_series
+from ctdiff.data.grid import AIR_HU
+from ctdiff.data.safezip import SafeZip
 from ctdiff.params import PreprocessParams
-from ctdiff.safezip import SafeZip
 
 Files = list[tuple[str, bytes]]
 THIN_SHAPE = (20, 12, 16)  # series 2: D, H, W at 1 mm

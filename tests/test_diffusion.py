@@ -5,8 +5,8 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
-from ctdiff.denoiser import build_unet, crop_latent, pad_latent
-from ctdiff.diffusion import (
+from ctdiff.models.denoiser import build_unet, crop_latent, pad_latent
+from ctdiff.models.diffusion import (
     LatentTarget,
     diffusion_loss,
     regression_target,
@@ -90,7 +90,7 @@ def test_a_converged_model_samples_its_target(scheduler, residual):
 
     The end-to-end check the sampler needs: training parametrisation, scheduler and sampling loop must
     agree, or the sample lands anywhere. (With ``prediction=epsilon`` this setup drifts to RMSE ~6: the
-    reason ``v`` is the default, see ``ctdiff.diffusion``.)
+    reason ``v`` is the default, see ``ctdiff.models.diffusion``.)
     """
     torch.manual_seed(0)
     tp = train_params(scheduler=scheduler, prediction="v")

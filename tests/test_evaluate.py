@@ -11,25 +11,21 @@ import torch
 from trainkit import tiny_params, workspace
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
-from ctdiff.denoiser import build_unet
-from ctdiff.evaluate import (
-    GAIN_KEY,
-    PAIRS,
-    WindowedDenoiser,
-    evaluate,
-    load_trained_model,
-    predict,
-    vae_round_trip,
-)
-from ctdiff.grid import Grid
-from ctdiff.metrics import METRIC_NAMES, reconstruction_metrics
+from ctdiff.data.grid import Grid
+from ctdiff.data.phantom import Tissue
+from ctdiff.data.processed import Case
+from ctdiff.data.slab import case_consistency
+from ctdiff.evaluation.evaluate import evaluate
+from ctdiff.evaluation.report import GAIN_KEY, PAIRS
+from ctdiff.evaluation.rungs import RUNG_NAMES
+from ctdiff.inference.sampling import WindowedDenoiser, load_trained_model, sample_thin, vae_round_trip
+from ctdiff.metrics.image import METRIC_NAMES, reconstruction_metrics
+from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS
+from ctdiff.models.denoiser import build_unet
+from ctdiff.models.reference import load_reference, predict_reference, reference_input
 from ctdiff.params import params_from_dict, to_dict
-from ctdiff.phantom import Tissue
-from ctdiff.reference import load_reference, predict_reference, reference_input, train_reference
-from ctdiff.rungs import RUNGS
-from ctdiff.slab import case_consistency
-from ctdiff.structures import CONSPICUITY, FALSE_DEFECTS
-from ctdiff.train import train
+from ctdiff.training.ldm import train
+from ctdiff.training.reference import train_reference
 
 
 def with_evaluate(params, **evaluate):
@@ -59,7 +55,7 @@ def test_stage_outputs(trained):
     tmp, params, ws = trained
     live_dir, pred_dir = tmp / "dvclive" / "evaluate", tmp / "data" / "predictions"
     metrics = run_evaluate(params, ws, live_dir, pred_dir)
-    for arm in RUNGS:  # no labels in this workspace: no structure metric, anywhere
+    for arm in RUNG_NAMES:  # no labels in this workspace: no structure metric, anywhere
         assert set(metrics[arm]) == set(METRIC_NAMES)
         assert all(np.isfinite(v) for v in metrics[arm].values())
     assert metrics["sampling"]["seconds_per_volume"] > 0
@@ -110,7 +106,7 @@ def test_raw_model_and_averaged_samples(trained):
     model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
     source = np.load(ws["processed_dir"] / sorted(json.loads(
         (ws["processed_dir"] / "splits.json").read_text())["test"])[0] / "source.npy")
-    one, two = predict(model, params, source, seed=3), predict(model, raw, source, seed=3)
+    one, two = sample_thin(model, params, source, seed=3), sample_thin(model, raw, source, seed=3)
     assert not np.allclose(one, two)
 
 
@@ -119,10 +115,10 @@ def test_sampling_is_seeded_and_works_past_the_training_patch(trained, single_to
     model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
     # A volume larger than the training patch on every axis, with sizes no multiple of anything.
     source = np.random.default_rng(0).normal(-200, 300, (21, 45, 38)).astype(np.int16)
-    first = predict(model, params, source, seed=7)
+    first = sample_thin(model, params, source, seed=7)
     assert first.shape == source.shape and np.isfinite(first).all()
-    np.testing.assert_array_equal(first, predict(model, params, source, seed=7))
-    assert not np.array_equal(first, predict(model, params, source, seed=8))
+    np.testing.assert_array_equal(first, sample_thin(model, params, source, seed=7))
+    assert not np.array_equal(first, sample_thin(model, params, source, seed=8))
 
 
 def test_windowed_denoiser_is_the_unet_when_one_window_covers_the_volume():
@@ -200,7 +196,7 @@ def test_structure_metrics_for_every_rung_where_cases_have_labels(trained, tmp_p
     paint_vessel(processed / healthy, embolus=False)
     live_dir = tmp_path / "live"
     metrics = run_evaluate(params, ws, live_dir, tmp_path / "pred", processed)
-    for rung in RUNGS:
+    for rung in RUNG_NAMES:
         assert {CONSPICUITY, FALSE_DEFECTS, "mae_hu_artery", "mae_hu_lung", "mae_hu_embolus"} <= set(metrics[rung])
         assert "mae_hu_bone" not in metrics[rung]  # no case has bone: absent, not zero
     for rung, against in PAIRS:
@@ -215,19 +211,17 @@ def test_structure_metrics_for_every_rung_where_cases_have_labels(trained, tmp_p
     assert 0 < float(rows[ape]["baseline_embolus_conspicuity"]) < 1
     plot = json.loads((live_dir / "plots" / "custom" / f"{CONSPICUITY}.json").read_text())
     plot = plot[CONSPICUITY] if isinstance(plot, dict) else plot
-    assert {p["rung"] for p in plot} == set(RUNGS) and {p["case_id"] for p in plot} == {ape}
+    assert {p["rung"] for p in plot} == set(RUNG_NAMES) and {p["case_id"] for p in plot} == {ape}
 
 
 def test_reference_rung_is_the_stage_network_projected(trained):
     tmp, params, ws = trained
     case_id = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"][0]
     case_dir = ws["processed_dir"] / case_id
-    meta = json.loads((case_dir / "meta.json").read_text())
-    source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
-    series1 = np.load(case_dir / "series1.npy")
+    target = np.load(case_dir / "target.npy")
     net = load_reference(params, ws["reference_dir"], torch.device("cpu"))
-    operator, measured = case_consistency(meta, series1, "box")
-    raw = predict_reference(net, params, reference_input(meta, source, series1, "box"))
+    baseline_consistent, operator, measured = reference_input(Case.open(case_dir), "box")
+    raw = predict_reference(net, params, baseline_consistent)
     expected = reconstruction_metrics(operator.project(raw, measured), target, params.vae.hu_range)
     metrics = run_evaluate(params, ws, tmp / "ref_live", tmp / "ref_pred")
     assert metrics["reference"]["psnr_body"] == pytest.approx(expected["psnr_body"], abs=1e-3)

@@ -11,8 +11,8 @@ import time
 import pytest
 from dvc_repo import DvcRepo
 
-from ctdiff.evaluate import GAIN_KEY
-from ctdiff.rungs import RUNGS
+from ctdiff.evaluation.report import GAIN_KEY
+from ctdiff.evaluation.rungs import RUNG_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -72,13 +72,13 @@ def test_repro_runs_all_eight_stages_and_writes_the_contract_metrics(repo, sd_ar
     assert ran(sd_arm) == set(STAGES)
     for stage in ("vae_check", "evaluate"):
         metrics = json.loads((repo.root / "dvclive" / stage / "metrics.json").read_text())
-        arms = RUNGS if stage == "evaluate" else (None,)
+        arms = RUNG_NAMES if stage == "evaluate" else (None,)
         for arm in arms:
             assert CONTRACT <= set(metrics[arm] if arm else metrics)
     evaluate = json.loads((repo.root / "dvclive" / "evaluate" / "metrics.json").read_text())
     assert evaluate["vae"]["weights"]["source"] == "scratch"
     assert {"mean", "ci95_low", "ci95_high", "cases"} <= set(evaluate[GAIN_KEY]["psnr_body"])
-    for rung in RUNGS:  # the phantoms carry labels: the structure metrics are there for every rung
+    for rung in RUNG_NAMES:  # the phantoms carry labels: the structure metrics are there for every rung
         assert set(FINDINGS) <= set(evaluate[rung]), rung
     assert list((repo.root / "data" / "predictions").glob("*.nii.gz"))
 
@@ -100,10 +100,10 @@ def test_maisi_experiment_reruns_only_what_the_vae_changes(repo, sd_arm):
     vae_check = diff["dvclive/vae_check/metrics.json"]
     evaluate = diff["dvclive/evaluate/metrics.json"]
     assert {"psnr", "psnr_body", "mae_hu"} <= set(vae_check)
-    assert {f"{rung}.psnr_body" for rung in RUNGS} <= set(evaluate)
+    assert {f"{rung}.psnr_body" for rung in RUNG_NAMES} <= set(evaluate)
     assert {f"{GAIN_KEY}.psnr_body.mean", f"{GAIN_KEY}.mae_hu_body.ci95_low"} <= set(evaluate)
     # The structure metrics and the reference, side by side for the two arms.
-    assert {f"{rung}.{name}" for rung in RUNGS for name in FINDINGS} <= set(evaluate)
+    assert {f"{rung}.{name}" for rung in RUNG_NAMES for name in FINDINGS} <= set(evaluate)
     assert {"model_minus_reference.psnr_body.mean", "model_minus_reference.embolus_conspicuity.mean",
             f"{GAIN_KEY}.false_defect_fraction.ci95_high"} <= set(evaluate)
     assert repo.dvc("plots", "diff", "main", "maisi", "-o", str(repo.root / "plots_out")).returncode == 0

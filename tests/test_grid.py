@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ctdiff.grid import AIR_HU, Grid, image_from_array, resample, slice_range_covered, to_int16_hu
+from ctdiff.data.grid import AIR_HU, Grid, image_from_array, resample, slice_range_covered, to_int16_hu
 
 OBLIQUE = tuple(sitk.VersorRigid3DTransform((0.2, -0.1, 0.3, 0.9)).GetMatrix())
 

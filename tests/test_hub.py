@@ -27,8 +27,10 @@ from vae_helpers import (  # single_torch_thread is a fixture
     write_params,
 )
 
-from ctdiff.hub import HubError, hub_unreachable_reason, offline_reason
-from ctdiff.vae.load import (
+from ctdiff.data.hub import HubError, hub_unreachable_reason, offline_reason
+from ctdiff.models.vae.maisi import maisi_config
+from ctdiff.models.vae.sd import sd_scratch_config
+from ctdiff.models.vae.weights import (
     MAISI_WEIGHTS,
     SD_CONFIG,
     SD_WEIGHTS,
@@ -38,8 +40,6 @@ from ctdiff.vae.load import (
     new_codec,
     pretrained_codec,
 )
-from ctdiff.vae.maisi import maisi_config
-from ctdiff.vae.sd import sd_scratch_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAISI_FILE = "models/autoencoder.pt"

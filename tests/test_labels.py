@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-from ctdiff.fetch import fetch_data
-from ctdiff.grid import Grid
-from ctdiff.labels import labels_path, read_case_labels, write_case_labels
+from ctdiff.data.fetch import fetch_data
+from ctdiff.data.grid import Grid
+from ctdiff.data.labels import labels_path, read_case_labels, write_case_labels
+from ctdiff.data.phantom import TISSUE_CLASSES, Tissue, ape_case_numbers, make_case
+from ctdiff.data.preprocess import preprocess
 from ctdiff.params import PhantomParams, params_from_dict
-from ctdiff.phantom import TISSUE_CLASSES, Tissue, ape_case_numbers, make_case
-from ctdiff.preprocess import preprocess
 
 SEED = 0
 # Overlapping thick slabs (4 mm apart, 5 mm thick) over 22 thin slices: preprocess crops series 2 to the

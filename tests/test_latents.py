@@ -6,18 +6,11 @@ import torch
 from trainkit import SHAPE, smooth_field, tiny_params, write_vae
 from vae_helpers import single_torch_thread, write_processed  # noqa: F401  (fixture)
 
-from ctdiff.latents import (
-    LatentCache,
-    PatchSampler,
-    VaeAdapter,
-    cut_patch,
-    epoch_order,
-    latent_patch_shape,
-    rank_batches,
-    recon_block,
-)
+from ctdiff.data.processed import split_cases
+from ctdiff.models.denoiser import latent_patch_shape
+from ctdiff.models.vae.adapter import VaeAdapter
 from ctdiff.params import ParamsError
-from ctdiff.vae.data import split_cases
+from ctdiff.training.latents import LatentCache, PatchSampler, cut_patch, epoch_order, rank_batches, recon_block
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctdiff.metrics import (
+from ctdiff.metrics.image import (
     METRIC_NAMES,
     PSNR_CAP_DB,
     body_mask,

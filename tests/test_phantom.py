@@ -12,8 +12,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from ctdiff.params import ParamsError, PhantomParams, params_from_dict
-from ctdiff.phantom import (
+from ctdiff.data.phantom import (
     HU_AIR,
     HU_RANGES,
     Tissue,
@@ -24,6 +23,7 @@ from ctdiff.phantom import (
     write_case_zip,
     write_phantom_dataset,
 )
+from ctdiff.params import ParamsError, PhantomParams, params_from_dict
 
 SEED = 7
 # The default mode (adult anatomy, 0.8 mm pixels, crop centred on a hilum) on a smaller crop.

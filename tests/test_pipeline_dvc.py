@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dvc_repo import DvcRepo
 
-from ctdiff.grid import Grid
+from ctdiff.data.grid import Grid
 
 pytestmark = pytest.mark.slow
 

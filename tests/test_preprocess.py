@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from ctdiff.dicom_write import SeriesSpec, encode_series
-from ctdiff.grid import AIR_HU, Grid
+from ctdiff.data.dicom_write import SeriesSpec, encode_series
+from ctdiff.data.grid import AIR_HU, Grid
+from ctdiff.data.preprocess import PreprocessError, assign_splits, preprocess
 from ctdiff.params import SplitParams, params_from_dict
-from ctdiff.preprocess import PreprocessError, assign_splits, preprocess
 
 PHI = {
     "patient_name": "Zhang^Wei^Secret",

@@ -12,16 +12,12 @@ from test_train import sigterm_mid_epoch
 from trainkit import smooth_field
 from vae_helpers import single_torch_thread, write_processed  # noqa: F401  (fixture)
 
-from ctdiff.checkpoint import load_checkpoint
-from ctdiff.metrics import to_x01
+from ctdiff.data.intensity import to_x01
+from ctdiff.data.processed import Case, DataError
+from ctdiff.models.checkpoint import load_checkpoint
+from ctdiff.models.reference import build_reference_net, load_reference, predict_reference, reference_input
 from ctdiff.params import Params, params_from_dict, to_dict
-from ctdiff.reference import (
-    build_reference_net,
-    load_reference,
-    predict_reference,
-    reference_input,
-    train_reference,
-)
+from ctdiff.training.reference import train_reference
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 SHAPE = (16, 32, 32)  # (D, H, W) voxels; series 1 = slabs of 4 of them
@@ -51,9 +47,7 @@ def run(params: Params, ws: dict[str, Path]):
 
 
 def case_input(processed: Path, case_id: str, params: Params) -> np.ndarray:
-    folder = processed / case_id
-    return reference_input(json.loads((folder / "meta.json").read_text()), np.load(folder / "source.npy"),
-                           np.load(folder / "series1.npy"), params.evaluate.slab_profile)
+    return reference_input(Case.open(processed / case_id), params.evaluate.slab_profile)[0]
 
 
 def test_training_lowers_the_loss_and_beats_its_input_on_val(tmp_path):
@@ -68,7 +62,7 @@ def test_training_lowers_the_loss_and_beats_its_input_on_val(tmp_path):
     assert last["val/psnr_body"] > result.baseline["psnr_body"] + 0.25
     assert last["val_baseline/psnr_body"] == result.baseline["psnr_body"]
     best = load_checkpoint(ws["ckpt_dir"] / "best.pt")
-    assert best["best_val_l1"] == min(h["val/l1"] for h in result.history) and best["optimizer"] is None
+    assert best["best_val"] == min(h["val/l1"] for h in result.history) and best["optimizer"] is None
     metrics = json.loads((ws["live_dir"] / "metrics.json").read_text())
     assert metrics["val"]["psnr_body"] == pytest.approx(last["val/psnr_body"])
     assert metrics["val_baseline"]["psnr_body"] == pytest.approx(result.baseline["psnr_body"])
@@ -142,7 +136,7 @@ def test_reference_input_is_the_slab_consistent_baseline(trained):
 def test_missing_series1_names_the_case_and_the_fix(tmp_path):
     ws = workspace(tmp_path)
     (ws["processed_dir"] / "case_001" / "series1.npy").unlink()
-    with pytest.raises(FileNotFoundError, match="case_001.*rerun the preprocess stage"):
+    with pytest.raises(DataError, match="case_001.*series1.npy not found: rerun the preprocess stage"):
         run(tiny_params(), ws)
 
 

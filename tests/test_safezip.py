@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ctdiff.safezip import SafeZip, UnsafeZipError, safe_extract, temporary_extract
+from ctdiff.data.safezip import SafeZip, UnsafeZipError, safe_extract, temporary_extract
 
 LIMITS = {"max_members": 100, "max_unzipped_bytes": 10 * 1024**2}
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ctdiff.scoring import paired_bootstrap, paired_gains, summarise
+from ctdiff.metrics.cases import paired_bootstrap, paired_gains, summarise
 
 
 def test_constant_differences_give_a_zero_width_interval():

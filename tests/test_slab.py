@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from ctdiff.dicom_write import SeriesSpec, encode_series
-from ctdiff.grid import Grid
+from ctdiff.data.dicom_write import SeriesSpec, encode_series
+from ctdiff.data.grid import Grid
+from ctdiff.data.preprocess import preprocess
+from ctdiff.data.slab import SlabOperator
 from ctdiff.params import params_from_dict
-from ctdiff.preprocess import preprocess
-from ctdiff.slab import SlabOperator
 
 
 def random_volume(shape, seed=0, scale=300.0):

@@ -1,22 +1,40 @@
-"""dvc.yaml lists, for every stage, the code it runs: a change to any module a stage imports reruns it."""
+"""dvc.yaml declares, for every stage, exactly the code it runs and every param it reads: a change to any of
+them reruns the stage, and nothing else does."""
 
 import ast
+import dataclasses
+import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from test_experiments_dvc import TINY
+
+import ctdiff.params as params_module
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+ORDER = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate")
 
 
 def module_file(name: str) -> Path | None:
-    """``ctdiff.vae.load`` -> its file under src/, or None when ``name`` is not a module of the package."""
+    """``ctdiff.models.vae.weights`` -> its file under src/, or None when ``name`` is not a module of the package."""
     base = SRC.joinpath(*name.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
     return None
+
+
+def docstring_only(path: Path) -> bool:
+    """A package ``__init__`` that runs nothing (a docstring, at most a version string): no dependency."""
+    body = ast.parse(path.read_text()).body
+    return path.name == "__init__.py" and all(
+        isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        or isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) for node in body)
 
 
 def ctdiff_imports(path: Path) -> set[Path]:
@@ -31,7 +49,7 @@ def ctdiff_imports(path: Path) -> set[Path]:
             if isinstance(node, ast.Import):
                 names += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                # "from ctdiff.vae import load" names a module too
+                # "from ctdiff.data import fetch" names a module too
                 names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
             if name.split(".")[0] != "ctdiff":
@@ -43,19 +61,93 @@ def ctdiff_imports(path: Path) -> set[Path]:
                 if file is not None and file not in seen:
                     seen.add(file)
                     todo.append(file)
-    return seen
-
-
-STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {p for p in seen if not docstring_only(p)}
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_stage_deps_cover_the_code_it_imports(name):
+def test_stage_code_deps_are_exactly_the_code_it_imports(name):
     stage = STAGES[name]
     script = REPO / stage["cmd"].split()[-1]
     deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
     assert str(script.relative_to(REPO)) in deps
     needed = {str(p.relative_to(REPO)) for p in ctdiff_imports(script)}
-    needed.discard("src/ctdiff/__init__.py")  # the version string only
-    missing = sorted(needed - deps)
-    assert not missing, f"dvc.yaml stage {name!r} runs code it does not depend on: add {missing}"
+    code_deps = {d for d in deps if d.startswith("src/")}
+    assert not sorted(needed - code_deps), f"dvc.yaml stage {name!r} runs code it does not depend on: add " \
+                                           f"{sorted(needed - code_deps)}"
+    assert not sorted(code_deps - needed), f"dvc.yaml stage {name!r} depends on code it never runs: drop " \
+                                           f"{sorted(code_deps - needed)}"
+
+
+# ---------------------------------------------------------------------------------------------- params
+class ParamsReads:
+    """Records every params leaf (``train.device``) read while installed: ``__getattribute__`` of the params
+    dataclasses looks the object up in the tree :func:`ctdiff.params.load_params` returned."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.paths: dict[int, str] = {}
+        self.read: set[str] = set()
+        load = params_module.load_params
+
+        def recording_load(*args, **kwargs):
+            params = load(*args, **kwargs)
+            self._map(params, "")
+            return params
+
+        monkeypatch.setattr(params_module, "load_params", recording_load)
+        for cls in vars(params_module).values():
+            if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == params_module.__name__:
+                monkeypatch.setattr(cls, "__getattribute__", self._getter(cls))
+
+    def _map(self, obj, prefix: str) -> None:
+        self.paths[id(obj)] = prefix
+        for f in dataclasses.fields(obj):
+            value = object.__getattribute__(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                self._map(value, f"{prefix}.{f.name}".lstrip("."))
+
+    def _getter(self, cls):
+        def getattribute(obj, name):
+            value = object.__getattribute__(obj, name)
+            prefix = self.paths.get(id(obj))
+            if prefix is not None and name in cls.__dataclass_fields__ and not dataclasses.is_dataclass(value):
+                self.read.add(f"{prefix}.{name}".lstrip("."))
+            return value
+        return getattribute
+
+
+def covered(read: str, declared: list[str]) -> bool:
+    return any(read == d or read.startswith(d + ".") for d in declared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_maisi", [False, True], ids=["sd", "maisi"])
+def test_every_param_a_stage_reads_is_declared_for_it(tmp_path, monkeypatch, use_maisi):
+    """Each stage script runs in-process on tiny phantoms (the experiments test's sizes) while the params
+    leaves it reads are recorded; every one must be in its dvc.yaml ``params``."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in {**TINY, "vae.use_maisi": use_maisi}.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = {}
+    for stage in ORDER:
+        reads = ParamsReads(monkeypatch)
+        monkeypatch.setattr(sys, "argv", [stage])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(REPO / "stages" / f"{stage}.py"), run_name="__main__")
+        assert done.value.code == 0, f"stage {stage} failed"
+        monkeypatch.undo()  # the recorder's patches: the next stage gets fresh ones
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        declared = [p if isinstance(p, str) else next(iter(p)) for p in STAGES[stage]["params"]]
+        undeclared = sorted(r for r in reads.read if not covered(r, declared))
+        if undeclared:
+            missing[stage] = undeclared
+        assert reads.read, f"the recorder saw no params read by {stage}"
+    assert not missing, f"dvc.yaml stages read params they do not declare: {missing}"
+    assert os.path.isdir(tmp_path / "dvclive" / "evaluate")

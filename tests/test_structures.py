@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from ctdiff.phantom import TISSUE_CLASSES, Tissue
-from ctdiff.scoring import paired_gains, score_rungs, summarise
-from ctdiff.structures import CONSPICUITY, FALSE_DEFECTS, StructureTruth, within_mm
+from ctdiff.data.phantom import TISSUE_CLASSES, Tissue
+from ctdiff.metrics.cases import paired_gains, score, summarise
+from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS, StructureTruth, within_mm
 
 LUMEN_HU, EMBOLUS_HU, LUNG_HU = 300.0, 50.0, -850.0
 SPACING = (0.8, 0.8, 1.0)
@@ -97,17 +97,19 @@ def test_an_ape_case_whose_emboli_left_the_grid_has_neither_finding():
     assert CONSPICUITY not in got and FALSE_DEFECTS not in got and got["mae_hu_artery"] == 0.0
 
 
+def scores(rungs, truth, structures=None):
+    return {name: score(volume, truth, (-1000.0, 1000.0), structures) for name, volume in rungs.items()}
+
+
 def test_rungs_are_scored_and_summarised_over_the_cases_that_have_each_metric():
     ape_labels, ape_truth = vessel_case(embolus=True)
     ok_labels, ok_truth = vessel_case(embolus=False)
     washed = ape_truth.copy()
     washed[ape_labels == Tissue.EMBOLUS] = LUMEN_HU
     per_case = [
-        score_rungs({"model": washed, "baseline": ape_truth}, ape_truth, (-1000.0, 1000.0),
-                    build(ape_labels, ape_truth, "APE")),
-        score_rungs({"model": ok_truth, "baseline": ok_truth - 200.0}, ok_truth, (-1000.0, 1000.0),
-                    build(ok_labels, ok_truth, "non-APE")),
-        score_rungs({"model": ok_truth, "baseline": ok_truth}, ok_truth, (-1000.0, 1000.0)),  # no labels
+        scores({"model": washed, "baseline": ape_truth}, ape_truth, build(ape_labels, ape_truth, "APE")),
+        scores({"model": ok_truth, "baseline": ok_truth - 200.0}, ok_truth, build(ok_labels, ok_truth, "non-APE")),
+        scores({"model": ok_truth, "baseline": ok_truth}, ok_truth),  # no labels
     ]
     assert CONSPICUITY not in per_case[2]["model"] and "psnr_body" in per_case[2]["model"]
     means = summarise(per_case)

@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 from trainkit import tiny_params, workspace
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
-from ctdiff.checkpoint import load_checkpoint
-from ctdiff.denoiser import build_unet
-from ctdiff.diffusion import sample, sampling_scheduler
-from ctdiff.latents import VaeAdapter, cut_patch
+from ctdiff.models.denoiser import build_unet
+from ctdiff.models.diffusion import sample, sampling_scheduler
+from ctdiff.models.vae.weights import read_maisi_checkpoint
 from ctdiff.params import to_dict
-from ctdiff.train import TrainingDiverged, train
-from ctdiff.vae.load import read_maisi_checkpoint
+from ctdiff.training.latents import VaeAdapter, cut_patch
+from ctdiff.training.ldm import TrainingDiverged, train
+from ctdiff.training.scaffold import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from vae_helpers import (  # single_torch_thread is a fixture
     tiny_params,
 )
 
-from ctdiff.params import params_from_dict
-from ctdiff.vae.load import (
+from ctdiff.models.vae.maisi import MaisiCodec, maisi_config
+from ctdiff.models.vae.weights import (
     MANIFEST_JSON,
     WeightsError,
     load_codec,
@@ -26,7 +26,7 @@ from ctdiff.vae.load import (
     scratch_config,
     write_manifest,
 )
-from ctdiff.vae.maisi import MaisiCodec, maisi_config
+from ctdiff.params import params_from_dict
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -125,10 +125,10 @@ def test_manifest_round_trip_is_verified_and_strict(tmp_path, use_maisi):
     vae_dir = tmp_path / "vae"
     vae_dir.mkdir()
     files = save_weights(codec, vae_dir)
-    write_manifest(vae_dir, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]}, 0.5)
+    write_manifest(vae_dir, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]})
 
     loaded, manifest = load_codec(vae_dir, vae)
-    assert loaded.scale_factor == 0.5 and manifest["weights"]["source"] == "scratch"
+    assert manifest["weights"]["source"] == "scratch"
     hu = torch.from_numpy(synthetic_ct((8, 16, 16), 0))[None, None]
     torch.testing.assert_close(loaded.encode_hu(hu), codec.encode_hu(hu))
 
@@ -185,8 +185,9 @@ def test_loading_prints_no_install_accelerate_hint(tmp_path):
     A fresh interpreter: diffusers' log handler keeps the stderr it found at import, which pytest swaps."""
     codec, vae = _codec(False)
     files = save_weights(codec, tmp_path)
-    write_manifest(tmp_path, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]}, 0.5)
-    script = ("import sys, json; from ctdiff.params import params_from_dict; from ctdiff.vae.load import load_codec; "
+    write_manifest(tmp_path, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]})
+    script = ("import sys, json; from ctdiff.params import params_from_dict; "
+              "from ctdiff.models.vae.weights import load_codec; "
               "from pathlib import Path; vae = params_from_dict(json.loads(sys.argv[2])).vae; "
               "load_codec(Path(sys.argv[1]), vae); print('loaded')")
     raw = {"vae": {"use_maisi": False, "pretrained": False, "latent_channels": vae.latent_channels,

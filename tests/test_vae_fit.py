@@ -22,12 +22,20 @@ from vae_helpers import (  # single_torch_thread is a fixture
     write_processed,
 )
 
-from ctdiff.metrics import METRIC_NAMES, atomic_live
-from ctdiff.vae.check import check_vae
-from ctdiff.vae.data import DataError, split_cases
-from ctdiff.vae.fit import fit_vae, train_codec
-from ctdiff.vae.load import MAISI_WEIGHTS, WeightsError, fetch_pretrained, load_codec, new_codec, scratch_config
-from ctdiff.vae.maisi import maisi_config
+from ctdiff.data.processed import DataError, split_cases
+from ctdiff.evaluation.vae_check import check_vae
+from ctdiff.io import atomic_live
+from ctdiff.metrics.image import METRIC_NAMES
+from ctdiff.models.vae.maisi import maisi_config
+from ctdiff.models.vae.weights import (
+    MAISI_WEIGHTS,
+    WeightsError,
+    fetch_pretrained,
+    load_codec,
+    new_codec,
+    scratch_config,
+)
+from ctdiff.training.vae_fit import fit_vae, train_codec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +77,10 @@ def test_scratch_fit_then_check_write_their_contracts(tmp_path, use_maisi):
 
     width = [8, 8, 16] if use_maisi else [8, 8, 16, 16]
     assert manifest["weights"] == {"source": "scratch", "epochs": 1, "width": width}
-    assert manifest["weights_dir"] == "." and manifest["scale_factor"] == pytest.approx(1 / manifest["latent_std"])
+    # No latent scale factor here: the train stage computes it from the latents it caches.
+    assert manifest["weights_dir"] == "." and "scale_factor" not in manifest
     fit_metrics = json.loads((tmp_path / "live_fit" / "metrics.json").read_text())
-    assert fit_metrics["weights"] == manifest["weights"] and fit_metrics["scale_factor"] == manifest["scale_factor"]
+    assert fit_metrics["weights"] == manifest["weights"] and fit_metrics["train_seconds"] == manifest["train_seconds"]
     assert (tmp_path / "live_fit" / "plots" / "metrics" / "train" / "l1.tsv").is_file()
 
     with atomic_live(tmp_path / "live_check") as live:
@@ -110,7 +119,7 @@ def test_pretrained_without_finetuning_points_at_the_download(tmp_path, monkeypa
                                    "files": manifest["files"]}
     assert sorted(p.name for p in (models / "vae").iterdir()) == ["manifest.json"]  # nothing copied
     codec, _ = load_codec(models / "vae", params.vae)
-    assert codec.scale_factor == manifest["scale_factor"]
+    assert codec.latent_channels == params.vae.latent_channels
 
     scratch = as_params(tiny_params(True, pretrained=False))
     with pytest.raises(WeightsError, match="rerun fetch_weights"):

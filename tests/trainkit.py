@@ -17,8 +17,8 @@ from monai.transforms import GaussianSmooth
 from vae_helpers import write_processed
 
 from ctdiff.io import atomic_dir
+from ctdiff.models.vae.weights import new_codec, save_weights, scratch_config, write_manifest
 from ctdiff.params import Params, params_from_dict
-from ctdiff.vae.load import new_codec, save_weights, scratch_config, write_manifest
 
 SHAPE = (16, 32, 32)  # (D, H, W) voxels
 
@@ -61,12 +61,12 @@ def write_vae(vae_dir: Path, params: Params, seed: int = 0) -> Path:
     codec = new_codec(params.vae, scratch_config(params.vae))
     with atomic_dir(vae_dir) as tmp:
         files = save_weights(codec, tmp)
-        write_manifest(tmp, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]}, 1.0)
+        write_manifest(tmp, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]})
     return vae_dir
 
 
 def workspace(tmp_path: Path, params: Params) -> dict[str, Path]:
-    """processed data + models/vae under ``tmp_path``; the paths :func:`ctdiff.train.train` takes."""
+    """processed data + models/vae under ``tmp_path``; the paths :func:`ctdiff.training.ldm.train` takes."""
     processed = write_processed(tmp_path / "data" / "processed", n_train=3, n_val=1, n_test=1, shape=SHAPE,
                                 target_hu=smooth_field, source_slices=5)
     vae_dir = write_vae(tmp_path / "models" / "vae", params)

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from ctdiff.grid import Grid
+from ctdiff.data.grid import Grid
+from ctdiff.data.phantom import CATEGORIES
 from ctdiff.params import Params, params_from_dict
-from ctdiff.phantom import CATEGORIES
 
 MAISI_REPO = "MONAI/maisi_ct_generative"
 SD_REPO = "stabilityai/sd-vae-ft-mse"

@@ -16,9 +16,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dvclive import Live
 
 
 @contextlib.contextmanager
@@ -91,3 +94,19 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_live(path: str | os.PathLike[str]) -> Iterator[Live]:
+    """A dvclive ``Live`` that writes into a temporary folder swapped onto ``path`` when the block ends.
+
+    ``dvcyaml=False``: metrics and plots are declared in the root dvc.yaml by hand. ``Live.end()`` is not
+    called: inside ``dvc exp run`` it would ``git add`` the temporary folder; DVC tracks the final folder
+    as a stage output anyway. A run that fails leaves the previous folder untouched.
+    """
+    from dvclive import Live  # here, not at the top: the data stages write no dvclive output
+
+    with atomic_dir(path) as tmp:
+        live = Live(str(tmp), dvcyaml=False, save_dvc_exp=False)
+        yield live
+        live.make_summary()

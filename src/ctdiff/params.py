@@ -159,7 +159,7 @@ class MaisiHubParams(HubParams):
 
 @dataclass(frozen=True)
 class MaisiArchParams:
-    """Width of an ``AutoencoderKlMaisi``; the rest of the released config is fixed in ctdiff.vae.maisi."""
+    """Width of an ``AutoencoderKlMaisi``; the rest of the released config is fixed in ctdiff.models.vae.maisi."""
 
     num_channels: tuple[int, ...] = (64, 128, 256)
     num_res_blocks: tuple[int, ...] = (2, 2, 2)
@@ -235,7 +235,6 @@ class VaeParams:
     patches_per_volume: int = 4  # random crops per training volume (source and target) per epoch
     batch_size: int = 4
     kl_weight: float = 1.0e-6
-    scale_cases: int = 4  # training targets encoded for the latent scale factor (0 = all)
     hub_timeout_s: float = 5.0  # reachability check before a download; offline fails this fast
     maisi: MaisiParams = field(default_factory=MaisiParams)
     sd: SdParams = field(default_factory=SdParams)
@@ -248,7 +247,6 @@ class VaeParams:
         _require(self.patches_per_volume >= 1 and self.batch_size >= 1, "vae", "patches_per_volume and "
                  "batch_size must be >= 1")
         _require(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
-        _require(self.scale_cases >= 0, "vae.scale_cases", "must be >= 0 (0 = all)")
         _require(self.hub_timeout_s > 0, "vae.hub_timeout_s", "must be > 0")
 
     @property
@@ -344,7 +342,7 @@ class TrainParams:
 # -------------------------------------------------------------------------------------- sr_reference
 @dataclass(frozen=True)
 class SrReferenceParams:
-    """The supervised reference (``ctdiff.reference``): a MONAI ``UNet`` in image space predicting the thin
+    """The supervised reference (``ctdiff.training.reference``): a MONAI ``UNet`` in image space predicting the thin
     series as a residual on the slab-consistent baseline, L1 in [0, 1] over ``vae.hu_range``.
 
     ``channels``/``strides`` are the UNet's own arguments (``len(strides) == len(channels) - 1``);

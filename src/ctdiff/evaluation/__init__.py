@@ -1,0 +1,3 @@
+"""Evaluation: the VAE round trip (:mod:`.vae_check`), the ladder of rungs (:mod:`.rungs`), the evaluate
+stage (:mod:`.evaluate`), what it writes (:mod:`.report`) and its figures (:mod:`.figures`). Imports
+everything but :mod:`ctdiff.training`."""

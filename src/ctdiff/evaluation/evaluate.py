@@ -1,0 +1,117 @@
+"""The evaluate stage: the trained model against the honest baselines, on the test split.
+
+For every test case (never seen by vae_fit's training or the train stage) the model samples series 2 from
+series 1 (:mod:`ctdiff.inference.sampling`, the path ``ctdiff predict`` takes too), the VAE round-trips the
+truth, and every rung of the ladder (:mod:`ctdiff.evaluation.rungs`) is built from those, scored against
+series 2 (``psnr``, ``ssim``, ``mae_hu`` and ``*_body``; where the case has a label map, the structure
+metrics of :mod:`ctdiff.metrics.structures`), cut into the PNG panel's planes, and released.
+:mod:`ctdiff.evaluation.report` writes what the stage shows: metrics.json with the paired per-case gains
+and their bootstrap intervals, per_case.csv, the findings plots and the panels.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from ctdiff.data.grid import image_from_array, resample, to_int16_hu
+from ctdiff.data.processed import Case, split_cases
+from ctdiff.data.slab import case_consistency
+from ctdiff.device import pick_device
+from ctdiff.evaluation.figures import cut_planes, densest_plane
+from ctdiff.evaluation.report import CaseResult, case_panel, log_results
+from ctdiff.evaluation.rungs import PREDICTION, Ladder, LadderInputs, decoded_change
+from ctdiff.inference.sampling import TrainedModel, load_trained_model, sample_thin, vae_round_trip
+from ctdiff.io import atomic_dir, atomic_live
+from ctdiff.metrics.cases import score
+from ctdiff.metrics.structures import StructureTruth
+from ctdiff.models.reference import load_reference, predict_reference
+from ctdiff.params import Params
+
+
+def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,
+             pred_dir: Path, progress: bool = True, reference_dir: Path | None = None) -> dict[str, Any]:
+    """Run the stage; returns the summary written to ``live_dir/metrics.json``.
+
+    ``reference_dir`` holds the sr_reference stage's checkpoints (the ``reference`` rung); None leaves
+    that rung out.
+    """
+    cases = split_cases(processed_dir, "test", params.evaluate.max_cases)
+    device = pick_device(params.train.device)
+    model = load_trained_model(params, vae_dir, ckpt_dir, device)
+    reference = load_reference(params, reference_dir, device) if reference_dir is not None else None
+    results = []
+    with atomic_live(live_dir) as live, atomic_dir(pred_dir) as preds:
+        for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
+            inputs, seconds, slabs = ladder_inputs(model, reference, params, case)
+            result = score_case(case, Ladder(inputs), params, seconds, slabs, preds if params.evaluate.nifti else None)
+            live.log_image(f"{case.case_id}.png", case_panel(result, params.evaluate.window_hu))
+            results.append(result)
+        log_results(live, results, model, params)
+    return json.loads((live_dir / "metrics.json").read_text())
+
+
+def ladder_inputs(model: TrainedModel, reference: torch.nn.Module | None, params: Params, case: Case
+                  ) -> tuple[LadderInputs, float, int]:
+    """(what the case's rungs are built from, seconds the sampling took, slabs series 1 constrains)."""
+    ep = params.evaluate
+    source, target, series1 = case.load("source"), case.load("target"), case.load("series1")
+    operator, measured = case_consistency(case.meta, series1, ep.slab_profile)
+    tic = time.perf_counter()
+    model_raw = sample_thin(model, params, source, params.seed)
+    seconds = time.perf_counter() - tic
+    vae_ceiling = vae_round_trip(model.vae, target)
+    baseline = source.astype(np.float32)
+    if ep.decode == "change":
+        anchor = vae_round_trip(model.vae, source)
+        model_raw, vae_ceiling = decoded_change(model_raw, baseline, anchor), decoded_change(vae_ceiling, baseline,
+                                                                                            anchor)
+    bspline = resample(series1, case.series1_grid, case.grid, "bspline") if ep.bspline_baseline else None
+    inputs = LadderInputs(model_raw, vae_ceiling, baseline, bspline, partial(operator.project, measured=measured),
+                          ep.consistency, None if reference is None else partial(predict_reference, reference, params))
+    return inputs, seconds, operator.n_slabs
+
+
+def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs: int,
+               preds: Path | None) -> CaseResult:
+    """Score every rung against the truth, keep the panel's planes, write the prediction's NIfTI to ``preds``."""
+    truth = case.load("target")
+    structures = case_structures(case, truth, params)
+    through = embolus_plane(structures) or (truth.shape[0] // 2, truth.shape[1] // 2)
+    result = CaseResult(case.case_id, case.category, case.spacing_mm, seconds, slabs, through,
+                        truth=cut_planes(truth, through),
+                        series1=cut_planes(resample(case.load("series1"), case.series1_grid, case.grid, "nearest"),
+                                           through))  # thick slabs as acquired
+    for rung, volume in ladder:
+        result.scores[rung.name] = score(volume, truth, params.vae.hu_range, structures)
+        if rung.column is not None:
+            result.planes[rung.column] = cut_planes(volume, through)
+        if rung.name == PREDICTION:
+            result.error = cut_planes(np.abs(volume - truth.astype(np.float32)), through)
+            if preds is not None:
+                sitk.WriteImage(image_from_array(to_int16_hu(volume), case.grid), str(preds / f"{case.case_id}.nii.gz"),
+                                useCompression=True)
+    return result
+
+
+def case_structures(case: Case, truth_hu: np.ndarray, params: Params) -> StructureTruth | None:
+    """The case's structure truth from ``labels.npy``, or None when the case has no labels (real data)."""
+    if not case.has_labels:
+        return None
+    return StructureTruth.build(case.load("labels"), case.meta["labels"]["classes"], truth_hu, case.spacing_mm,
+                                case.category, params.evaluate.lumen_ring_mm, params.evaluate.defect_hu)
+
+
+def embolus_plane(structures: StructureTruth | None) -> tuple[int, int] | None:
+    """Where the panel's planes cut when the case has emboli: through most of them (else the mid-planes)."""
+    if structures is None or "embolus" not in structures.masks:
+        return None
+    return densest_plane(structures.masks["embolus"])

@@ -1,0 +1,105 @@
+"""The supervised reference network (the ``sr_reference`` stage's output, evaluate's ``reference`` rung).
+
+A plain super-resolution network in image space, the yardstick the conditional latent-diffusion model is
+judged against:
+
+- **input**: the slab-consistent baseline of a case (:func:`reference_input`): series 1 linearly
+  interpolated onto the common grid (``source.npy``), projected onto series 1's slabs with
+  ``evaluate.slab_profile``; exactly the volume evaluate hands it, so the network is scored on the input
+  it learnt from;
+- **output**: a residual added to that input (:func:`predict_reference`), so it only has to learn what the
+  slabs cannot see (detail along the slice axis), and an untrained network returns its input.
+
+Both are clipped to ``vae.hu_range`` and mapped to [0, 1]; the predicted residual is added in HU to the
+unclipped input, so voxels beyond the range keep their values. The network is MONAI's ``UNet`` (3D, one
+channel in and out), run on whole volumes through MONAI's Gaussian-blended ``SlidingWindowInferer`` with
+``sr_reference.patch`` as the window (it pads volumes smaller than the window). The VAE plays no part: the
+rung is the same for the SD and the MAISI arm. Its training loop is :mod:`ctdiff.training.reference`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import UNet
+from torch import nn
+
+from ctdiff.data.intensity import to_x01
+from ctdiff.data.processed import Case
+from ctdiff.data.slab import SlabOperator, case_consistency
+from ctdiff.models.checkpoint import diff_keys, load_checkpoint
+from ctdiff.params import Params, SrReferenceParams
+
+CHECKPOINTS = ("best.pt", "last.pt")  # best by projected val L1; last when no epoch improved
+
+
+def reference_input(case: Case, profile: str) -> tuple[np.ndarray, SlabOperator, np.ndarray]:
+    """(the network's input, the case's slab operator, its measurements).
+
+    The input is (D, H, W) float32 HU: ``source.npy`` (series 1 on the common grid) projected onto the slabs
+    of ``series1.npy`` (series 1 as acquired) with ``profile``: evaluate's ``baseline_consistent``.
+    Validation projects the prediction with the same operator and measurements.
+    """
+    operator, measured = case_consistency(case.meta, case.load("series1"), profile)
+    return operator.project(np.asarray(case.load("source"), dtype=np.float32), measured=measured), operator, measured
+
+
+def build_reference_net(sp: SrReferenceParams) -> nn.Module:
+    """MONAI 3D ``UNet``, (B, 1, D, H, W) [0, 1] intensities -> (B, 1, D, H, W) residual in the same units.
+
+    ``num_res_units=0``: the top layer is then a plain transposed convolution (linear output). With residual
+    units MONAI puts a norm and an activation on the top layer's single output channel, which normalises
+    each patch's residual away, and it cost more time than it gained on the phantoms (val, paired). The top
+    layer starts at zero, so an untrained network returns its input (the baseline) instead of noise.
+    """
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=sp.channels, strides=sp.strides,
+               num_res_units=0)
+    top = net.model[-1].conv  # the last layer applied: Sequential(down, skip(...), up)[-1], conv only
+    nn.init.zeros_(top.weight)
+    nn.init.zeros_(top.bias)
+    return net
+
+
+def net_contract(params: Params) -> dict[str, Any]:
+    """What a checkpoint must share with the params that load it: the architecture and the input it was trained on."""
+    sp = params.sr_reference
+    return {"channels": list(sp.channels), "strides": list(sp.strides), "hu_range": list(params.vae.hu_range),
+            "slab_profile": params.evaluate.slab_profile}
+
+
+@torch.no_grad()
+def predict_reference(net: nn.Module, params: Params, baseline_consistent_hu: np.ndarray) -> np.ndarray:
+    """(D, H, W) HU input (:func:`reference_input`, any shape) -> (D, H, W) float32 HU: input + predicted residual.
+
+    Not projected onto the slabs (the caller does that). The volume stays on the CPU; windows of
+    ``sr_reference.patch`` run on the network's device, ``window_batch`` at a time, blended with a Gaussian.
+    """
+    hu = np.asarray(baseline_consistent_hu, dtype=np.float32)
+    if hu.ndim != 3:
+        raise ValueError(f"expected a (D, H, W) volume, got shape {hu.shape}")
+    sp, (low, high) = params.sr_reference, params.vae.hu_range
+    inferer = SlidingWindowInferer(roi_size=sp.patch, sw_batch_size=sp.window_batch, overlap=sp.overlap,
+                                   mode="gaussian", padding_mode="replicate",
+                                   sw_device=next(net.parameters()).device, device=torch.device("cpu"))
+    residual01 = inferer(to_x01(hu, (low, high))[None, None], net)
+    return hu + residual01[0, 0].float().numpy() * (high - low)
+
+
+def load_reference(params: Params, ckpt_dir: Path, device: torch.device) -> nn.Module:
+    """The trained network in eval mode on ``device``: ``best.pt``, else ``last.pt`` (weights only)."""
+    path = next((ckpt_dir / name for name in CHECKPOINTS if (ckpt_dir / name).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no {' or '.join(str(ckpt_dir / n) for n in CHECKPOINTS)}: run the sr_reference "
+                                f"stage first (dvc repro sr_reference)")
+    ckpt = load_checkpoint(path)
+    changed = diff_keys(ckpt.get("contract", {}), net_contract(params))
+    if changed:
+        raise RuntimeError(f"{path} was trained with other params ({', '.join(changed)}): rerun the sr_reference "
+                           f"stage (dvc repro sr_reference)")
+    net = build_reference_net(params.sr_reference)
+    net.load_state_dict(ckpt["net"])
+    return net.to(device).eval()

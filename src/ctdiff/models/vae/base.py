@@ -1,0 +1,151 @@
+"""The latent codec interface: HU volume <-> latent, the same for the 3D MAISI VAE and the 2D SD VAE.
+
+Shapes follow MONAI: volumes are ``(B, 1, D, H, W)`` float tensors in Hounsfield units (``hu``) or in
+[0, 1] (``x01``: HU clipped to ``hu_range`` and mapped linearly); latents are ``(B, C, d, h, w)`` with
+``d, h, w = ceil(D / fd), ceil(H / fh), ceil(W / fw)`` for the codec's ``downsample = (fd, fh, fw)``.
+Inputs of any size are padded (edge-replicated) to a multiple of the downsampling and decoded volumes
+are cropped back when the original shape is given.
+
+``encode_hu`` returns the posterior mean (deterministic, so cached latents and metrics are reproducible);
+``encode_posterior_hu`` adds the posterior std for callers that sample. Latents are unscaled: the diffusion
+model multiplies them by its scale factor (1 / std of the training latents), which the train stage computes
+from the latents it caches and stores in its checkpoints; the codec knows nothing of it.
+
+A codec implements two hooks, ``posterior_stacked_x01`` and ``decode_x01``, which handle any size (tiles
+or slices as the codec needs) and are differentiable; everything else (intensity mapping, padding and
+cropping, fp16 autocast on CUDA, the sampled training pass) lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctdiff.data.intensity import to_hu, to_x01
+
+
+class LatentCodec(ABC):
+    """A VAE behind one interface. Subclasses wrap a MONAI or diffusers module (``self.module``)."""
+
+    #: spatial downsampling (fd, fh, fw) between a volume and its latent
+    downsample: tuple[int, int, int]
+
+    def __init__(self, module: nn.Module, hu_range: Sequence[float], latent_channels: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
+        self.hu_range = (float(hu_range[0]), float(hu_range[1]))
+        self.latent_channels = latent_channels
+        # fp16 autocast is a GPU memory/speed path; on CPU everything stays float32.
+        self.amp = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------------------------- intensities
+    def hu_to_x01(self, hu: torch.Tensor) -> torch.Tensor:
+        """HU -> [0, 1] over ``hu_range`` (clipped): the mapping the metrics use too."""
+        return to_x01(hu, self.hu_range)
+
+    def x01_to_hu(self, x01: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> HU over ``hu_range`` (input clipped to [0, 1] first)."""
+        return to_hu(x01, self.hu_range)
+
+    # ------------------------------------------------------------------------------------------ shapes
+    def latent_shape(self, volume_shape: Sequence[int]) -> tuple[int, int, int, int]:
+        """(C, d, h, w) of the latent of a (D, H, W) volume."""
+        d, h, w = (math.ceil(s / f) for s, f in zip(volume_shape, self.downsample, strict=True))
+        return (self.latent_channels, d, h, w)
+
+    def compression_ratio(self, volume_shape: Sequence[int]) -> float:
+        """Voxels of the volume per latent value (channels included)."""
+        return math.prod(volume_shape) / math.prod(self.latent_shape(volume_shape))
+
+    # ------------------------------------------------------------------------------------------- codec
+    @torch.no_grad()
+    def encode_hu(self, hu: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) HU, any size -> (B, C, d, h, w) unscaled latent (posterior mean), on ``hu.device``."""
+        return self.encode_posterior_hu(hu)[0]
+
+    @torch.no_grad()
+    def encode_posterior_hu(self, hu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, D, H, W) HU, any size -> posterior (mean, std), each (B, C, d, h, w) on ``hu.device``.
+
+        Tiled (MAISI) or sliced (SD) exactly like :meth:`encode_hu`; for latent caches that sample.
+        """
+        self.module.eval()
+        with self.autocast():
+            mean, std = self.posterior_x01(self.pad(self.hu_to_x01(hu)))
+        return mean.float().to(hu.device), std.float().to(hu.device)
+
+    @torch.no_grad()
+    def decode_hu(self, latent: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, C, d, h, w) unscaled latent -> (B, 1, D, H, W) HU in ``hu_range``, cropped to ``shape`` (D, H, W)."""
+        self.module.eval()
+        with self.autocast():
+            x01 = self.decode_x01(latent).float().to(latent.device)
+        return self.x01_to_hu(crop(x01, shape) if shape is not None else x01)
+
+    def posterior_x01(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample`` -> (mean, std), each (B, C, d, h, w).
+
+        Differentiable when gradients are enabled (fine-tuning); on ``self.device``.
+        """
+        stacked = self.posterior_stacked_x01(x01)
+        return stacked[:, : self.latent_channels], stacked[:, self.latent_channels :]
+
+    def reconstruct_train(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass on a patch whose sizes are multiples of ``downsample``, with gradients.
+
+        Returns ``(recon_x01, z_mu, z_sigma)``: the reconstruction (B, 1, D, H, W) in [0, 1] units (not
+        clamped) decoded from a latent sampled from the posterior, and the posterior mean and standard
+        deviation (B, C, d, h, w) for the KL term.
+        """
+        z_mu, z_sigma = self.posterior_x01(x01)
+        recon = self.decode_x01(z_mu + z_sigma * torch.randn_like(z_sigma))
+        return recon, z_mu, z_sigma
+
+    @abstractmethod
+    def posterior_stacked_x01(self, x01: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample`` -> (B, 2C, d, h, w): posterior mean
+        then std on the channel axis (stacked so that tiles blend both alike), on ``self.device``."""
+
+    @abstractmethod
+    def decode_x01(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, C, d, h, w) -> (B, 1, d*fd, h*fh, w*fw) in [0, 1] units, not clamped; differentiable."""
+
+    def autocast(self) -> torch.autocast:
+        """fp16 autocast on CUDA, a no-op elsewhere."""
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Edge-replicate (B, C, D, H, W) up to multiples of ``downsample``."""
+        return pad_to_multiple(x, self.downsample)
+
+
+def pad_to_multiple(x: torch.Tensor, multiples: Sequence[int]) -> torch.Tensor:
+    """Pad the spatial (last three) axes of a (B, C, D, H, W) tensor at their far ends, replicating the edge.
+
+    Replication rather than a constant keeps the convolution from seeing an artificial edge where the
+    body touches the field of view.
+    """
+    sizes = x.shape[-3:]
+    extra = [-s % m for s, m in zip(sizes, multiples, strict=True)]
+    if not any(extra):
+        return x
+    # F.pad takes (last axis first) pairs: (W_left, W_right, H_left, H_right, D_left, D_right).
+    return F.pad(x, (0, extra[2], 0, extra[1], 0, extra[0]), mode="replicate")
+
+
+def crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Keep the leading ``shape`` (D, H, W) of a (B, C, D', H', W') tensor (undoes :func:`pad_to_multiple`)."""
+    d, h, w = shape
+    return x[..., :d, :h, :w]
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) summed over latent elements, averaged over the batch (first) axis."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2).clamp_min(1e-12)) - 1.0)
+    return kl.flatten(1).sum(1).mean()

@@ -1,0 +1,4 @@
+"""Training: the scaffold train and sr_reference share (:mod:`.scaffold`: resume, checkpoints, epoch
+statistics, logging, signals), processes and precision (:mod:`.distributed`), the latent cache and patches
+(:mod:`.latents`), and the loops: vae_fit (:mod:`.vae_fit`), train (:mod:`.ldm`), sr_reference
+(:mod:`.reference`). Imports :mod:`ctdiff.data`, :mod:`ctdiff.metrics` and :mod:`ctdiff.models`."""

@@ -1,0 +1,237 @@
+"""The sr_reference stage's training loop: the supervised reference network (:mod:`ctdiff.models.reference`)
+learns the thin series as a residual on the slab-consistent baseline.
+
+One loop, top to bottom (:func:`train_reference`): load the train and val cases (the test split is never
+read), build the network, optimizer and warm-up/cosine LR schedule, resume or start fresh
+(:class:`~ctdiff.training.scaffold.TrainingRun`), then per epoch ``steps_per_epoch`` optimizer steps on
+random patch pairs (L1 on [0, 1] intensities over ``vae.hu_range``, as for the VAEs), validation on the
+whole val volumes (the prediction projected onto the slabs, as evaluate scores it, against the truth; the
+baseline's metrics alongside), dvclive logging, and checkpoints: ``last.pt`` every
+``sr_reference.checkpoint_every`` steps and at every epoch end, ``best.pt`` when the val L1 of the
+projected prediction improves. Resume, SIGTERM/SIGINT and divergence behave as in the train stage.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import SpatialCropd, SpatialPadd
+from torch import nn
+from tqdm import tqdm
+
+from ctdiff.data.intensity import to_x01
+from ctdiff.data.processed import Case, split_cases
+from ctdiff.data.slab import SlabOperator
+from ctdiff.device import pick_device
+from ctdiff.metrics.image import mean_metrics, reconstruction_metrics
+from ctdiff.models.reference import build_reference_net, net_contract, predict_reference, reference_input
+from ctdiff.params import Params, to_dict
+from ctdiff.training.scaffold import (
+    BEST,
+    LAST,
+    StopFlag,
+    TrainingDiverged,
+    TrainingRun,
+    TrainInterrupted,
+    TrainResult,
+    set_rng_state,
+    shaping,
+    warmup_cosine,
+)
+
+# sr_reference params that change how a run executes, not the network it produces
+NOT_SHAPING = ("device", "checkpoint_every", "window_batch")
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class ReferenceCase:
+    """One processed case as the reference sees it: input (baseline_consistent) and truth, both (D, H, W) HU."""
+
+    case_id: str
+    input_hu: np.ndarray  # float32
+    truth_hu: np.ndarray  # int16
+    operator: SlabOperator
+    measured: np.ndarray  # (S, H, W) float32: series 1's slabs on the common grid
+
+    @classmethod
+    def load(cls, case: Case, profile: str) -> ReferenceCase:
+        input_hu, operator, measured = reference_input(case, profile)
+        return cls(case.case_id, input_hu, case.load("target"), operator, measured)
+
+
+class PatchPairs:
+    """Training volumes as (1, D, H, W) [0, 1] tensors (input, target), edge-padded to at least one patch,
+    and random patch pairs cut at one place from both.
+
+    MONAI's dictionary transforms pad and cut both keys alike (``SpatialPadd``, ``SpatialCropd``); the case
+    and the corner of each patch come from the loop's seeded numpy ``rng``, whose state every checkpoint
+    holds, so a resumed run cuts the patches an uninterrupted one would.
+    """
+
+    KEYS = ("input", "target")
+
+    def __init__(self, cases: list[ReferenceCase], patch: tuple[int, int, int], hu_range: tuple[float, float]) -> None:
+        pad = SpatialPadd(keys=self.KEYS, spatial_size=patch, mode="replicate")
+        self.patch = patch
+        self.pairs = [pad({"input": to_x01(c.input_hu, hu_range)[None], "target": to_x01(c.truth_hu, hu_range)[None]})
+                      for c in cases]
+
+    def batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) patches (B, 1, D, H, W) of random cases at random corners (drawn from ``rng``)."""
+        inputs, targets = [], []
+        for i in rng.integers(0, len(self.pairs), size):
+            pair = self.pairs[int(i)]
+            corner = [int(rng.integers(0, s - p + 1)) for s, p in zip(pair["input"].shape[1:], self.patch)]
+            cut = SpatialCropd(keys=self.KEYS, roi_start=corner, roi_end=[c + p for c, p in zip(corner, self.patch)])
+            patch = cut(pair)
+            inputs.append(patch["input"])
+            targets.append(patch["target"])
+        return torch.stack(inputs), torch.stack(targets)
+
+
+# --------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(net: nn.Module, params: Params, cases: list[ReferenceCase]) -> dict[str, float]:
+    """Mean val metrics of the projected prediction (what evaluate scores) and ``l1`` (its L1 in [0, 1], the
+    training loss over whole volumes); ``l1_raw`` of the unprojected prediction."""
+    hu_range = params.vae.hu_range
+    was_training = net.training
+    net.eval()
+    per_case, l1, l1_raw = [], [], []
+    for case in cases:
+        raw = predict_reference(net, params, case.input_hu)
+        projected = case.operator.project(raw, measured=case.measured)
+        truth01 = to_x01(case.truth_hu, hu_range)
+        l1.append(float((to_x01(projected, hu_range) - truth01).abs().mean()))
+        l1_raw.append(float((to_x01(raw, hu_range) - truth01).abs().mean()))
+        per_case.append(reconstruction_metrics(projected, case.truth_hu, hu_range))
+    net.train(was_training)
+    return {"l1": float(np.mean(l1)), "l1_raw": float(np.mean(l1_raw)), **mean_metrics(per_case)}
+
+
+def baseline_metrics(params: Params, cases: list[ReferenceCase]) -> dict[str, float]:
+    """The same means for the input itself (baseline_consistent): what the network must beat."""
+    hu_range = params.vae.hu_range
+    l1 = [float((to_x01(c.input_hu, hu_range) - to_x01(c.truth_hu, hu_range)).abs().mean()) for c in cases]
+    return {"l1": float(np.mean(l1)),
+            **mean_metrics([reconstruction_metrics(c.input_hu, c.truth_hu, hu_range) for c in cases])}
+
+
+# ------------------------------------------------------------------------------------------- train
+def shaping_params(params: Params, train_cases: list[Case], val_cases: list[Case]) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint: sr_reference params that shape the network and its
+    trajectory (not ``NOT_SHAPING``), the seed, the input's definition, and the data."""
+    sp = {k: v for k, v in to_dict(params.sr_reference).items() if k not in NOT_SHAPING}
+    return shaping({"sr_reference": sp}, params.seed, train_cases, val_cases,
+                   hu_range=list(params.vae.hu_range), slab_profile=params.evaluate.slab_profile)
+
+
+def train_reference(params: Params, processed_dir: Path, ckpt_dir: Path, live_dir: Path,
+                    progress: bool = True) -> TrainResult:
+    """Run (or resume) the sr_reference stage; see the module docstring. Returns what happened (``baseline``:
+    the input's val metrics, empty when there was nothing left to do)."""
+    sp = params.sr_reference
+    device = pick_device(sp.device, key="sr_reference.device")
+    torch.manual_seed(params.seed)
+    random.seed(params.seed)
+    rng = np.random.default_rng([params.seed, 0x5E])  # patch cases and corners
+
+    # ---- data: train split to learn from, val split to validate on; the test split is never read here
+    train_split, val_split = split_cases(processed_dir, "train"), split_cases(processed_dir, "val")
+    profile = params.evaluate.slab_profile
+    train_cases = [ReferenceCase.load(c, profile) for c in train_split]
+    val_cases = [ReferenceCase.load(c, profile) for c in val_split]
+    patches = PatchPairs(train_cases, sp.patch, params.vae.hu_range)
+
+    # ---- network, optimizer, schedule
+    net = build_reference_net(sp).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=sp.lr, weight_decay=sp.weight_decay)
+    steps_per_epoch = math.ceil(len(train_cases) * sp.patches_per_volume / sp.batch_size)
+    total_steps = sp.epochs * steps_per_epoch
+    lr_scheduler = warmup_cosine(optimizer, sp.warmup_steps, total_steps, sp.lr_min_ratio)
+
+    # ---- resume or start fresh
+    run = TrainingRun("sr_reference", ckpt_dir, live_dir, shaping_params(params, train_split, val_split),
+                      steps_per_epoch)
+    if run.checkpoint is not None:
+        net.load_state_dict(run.checkpoint["net"])
+        optimizer.load_state_dict(run.checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(run.checkpoint["lr_scheduler"])
+        set_rng_state(run.checkpoint["rng"], rng)
+    if run.complete(total_steps):
+        return run.result()
+
+    baseline = baseline_metrics(params, val_cases)
+    run.open_live({"network": "monai UNet", "input": f"baseline_consistent ({profile} profile)",
+                   "parameters": sum(p.numel() for p in net.parameters())})
+
+    def save(name: str, with_optimizer: bool = True) -> None:
+        """Everything needed to continue (last.pt) or to predict (best.pt)."""
+        run.save(name, {
+            "net": net.state_dict(),
+            "optimizer": optimizer.state_dict() if with_optimizer else None,
+            "lr_scheduler": lr_scheduler.state_dict() if with_optimizer else None,
+            "contract": net_contract(params),
+            "sr_reference_params": to_dict(sp),
+        }, rng)
+
+    # ---- the loop
+    stop = StopFlag.install()
+    bar = tqdm(total=sp.epochs, initial=run.epoch, desc="sr_reference", unit="epoch", disable=not progress)
+    try:
+        for epoch in range(run.epoch, sp.epochs):
+            net.train()
+            tic = time.perf_counter()
+            while run.step < (epoch + 1) * steps_per_epoch:
+                x01, target01 = (t.to(device) for t in patches.batch(sp.batch_size, rng))
+                loss = F.l1_loss(x01 + net(x01), target01)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"step {run.step + 1} (epoch {epoch + 1}): loss is {loss.item()}; "
+                                           f"stopped before writing anything for this step. Lower sr_reference.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lr_scheduler.step()
+                run.step += 1
+                run.epoch_stats.add(loss=loss.item())
+                last_of_epoch = run.step == (epoch + 1) * steps_per_epoch
+                if not last_of_epoch and (stop.signum is not None or run.step % sp.checkpoint_every == 0):
+                    run.epoch_stats.seconds += time.perf_counter() - tic
+                    tic = time.perf_counter()
+                    save(LAST)  # (the epoch-end one follows validation)
+                    if stop.signum is not None:
+                        raise TrainInterrupted(stop.signum, run.step)
+            run.epoch_stats.seconds += time.perf_counter() - tic
+
+            # ---- end of epoch: validate, log, checkpoint
+            val = validate(net, params, val_cases)
+            metrics = {"train/loss": run.epoch_stats.mean("loss"), "lr": optimizer.param_groups[0]["lr"],
+                       "perf/sec_per_step": run.epoch_stats.sec_per_step,
+                       **{f"val/{k}": v for k, v in val.items()},
+                       **{f"val_baseline/{k}": v for k, v in baseline.items()}}
+            improved = val["l1"] < run.best_val
+            if improved:
+                run.best_val = val["l1"]
+            run.log_epoch(epoch, metrics, {"best": {"epoch": epoch + 1, **{k: val[k] for k in
+                                                                           ("l1", "psnr_body", "mae_hu_body")}}}
+                          if improved else None)
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_psnr_body=f"{val['psnr_body']:.2f}")
+            if improved:
+                save(BEST, with_optimizer=False)
+            save(LAST)
+            if stop.signum is not None and epoch + 1 < sp.epochs:
+                raise TrainInterrupted(stop.signum, run.step)
+    finally:
+        bar.close()
+        stop.restore()
+    return run.result(baseline=baseline)
