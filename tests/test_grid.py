@@ -67,7 +67,7 @@ def itk_resample(hu, src, dst, interpolator):
     """SimpleITK's own resampler: the reference the fast path must reproduce."""
     image = image_from_array(hu.astype(np.float32), src)
     kind = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolator]
-    out = sitk.Resample(image, dst.reference_image(), sitk.Transform(), kind, AIR_HU, sitk.sitkFloat32)
+    out = sitk.Resample(image, dst.template_image(), sitk.Transform(), kind, AIR_HU, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
 

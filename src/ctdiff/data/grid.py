@@ -67,14 +67,14 @@ class Grid:
         k, j, i = index_kji
         return np.asarray(self.origin_mm) + self.matrix @ (np.array([i, j, k], float) * self.spacing_mm)
 
-    def reference_image(self) -> sitk.Image:
+    def template_image(self) -> sitk.Image:
         """An empty image with this geometry, for ``sitk.Resample``."""
         d, h, w = self.shape
-        ref = sitk.Image(int(w), int(h), int(d), sitk.sitkUInt8)
-        ref.SetSpacing(self.spacing_mm)
-        ref.SetOrigin(self.origin_mm)
-        ref.SetDirection(self.direction)
-        return ref
+        template = sitk.Image(int(w), int(h), int(d), sitk.sitkUInt8)
+        template.SetSpacing(self.spacing_mm)
+        template.SetOrigin(self.origin_mm)
+        template.SetDirection(self.direction)
+        return template
 
     def with_spacing(self, spacing_mm: Sequence[float]) -> Grid:
         """Same physical extent (centre kept) sampled at ``spacing_mm``."""
@@ -120,7 +120,7 @@ def resample(hu: np.ndarray, src: Grid, dst: Grid, interpolator: Interpolator = 
     if interpolator in ("linear", "nearest") and _same_inplane_lattice(src, dst):
         return _resample_along_slices(hu, src, dst, interpolator, fill_hu)
     image = image_from_array(np.asarray(hu, dtype=np.float32), src)
-    out = sitk.Resample(image, dst.reference_image(), sitk.Transform(), INTERPOLATORS[interpolator],
+    out = sitk.Resample(image, dst.template_image(), sitk.Transform(), INTERPOLATORS[interpolator],
                         float(fill_hu), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 

@@ -440,7 +440,7 @@ class _Anatomy:
     """Every random choice for one patient (mm, HU)."""
 
     scale: float  # s: anatomy size relative to REFERENCE_BODY_MM
-    z_ref: float  # table height (mm) the anatomy is placed around: about the pulmonary bifurcation
+    z_bifurcation: float  # table height (mm) the anatomy is placed around: about the pulmonary bifurcation
     hu: dict[str, float]
     centre: tuple[float, float]  # body centre (x, y)
     body: tuple[float, float]  # outer semi-axes (a, b)
@@ -551,7 +551,7 @@ def _sample_anatomy(s: float, rng: np.random.Generator) -> _Anatomy:
     }
     sternum = (cx, cy - big_b - 8.0 * s, 14.0 * s, 6.0 * s)
     return _Anatomy(
-        scale=s, z_ref=zm, hu=hu, centre=(cx, cy), body=(a, b), skin_mm=skin, fat_mm=fat, muscle_mm=muscle,
+        scale=s, z_bifurcation=zm, hu=hu, centre=(cx, cy), body=(a, b), skin_mm=skin, fat_mm=fat, muscle_mm=muscle,
         cavity=(big_a, big_b),
         lungs=lungs, lung_taper_per_mm=0.0025 / s, mediastinum_half_mm=0.26 * big_a, texture=texture,
         heart_centre=heart_centre, heart_radii=heart_radii, aortas=aortas, airways=airways,
@@ -704,7 +704,7 @@ def _cavity_sdf(anat: _Anatomy, y: np.ndarray, x: np.ndarray) -> np.ndarray:
 def _lungs_sdf(anat: _Anatomy, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Both lungs: ellipses narrowing towards the apex, inside the cavity, flat medial border."""
     cx = anat.centre[0]
-    taper = np.clip(1.0 - anat.lung_taper_per_mm * (z - anat.z_ref), 0.3, 1.3)
+    taper = np.clip(1.0 - anat.lung_taper_per_mm * (z - anat.z_bifurcation), 0.3, 1.3)
     inside = np.minimum.reduce([_ellipse_sdf(x - lx, y - ly, lax * taper, lay * taper)
                                 for lx, ly, lax, lay in anat.lungs])
     return np.maximum(inside, np.maximum(anat.mediastinum_half_mm - np.abs(x - cx), _cavity_sdf(anat, y, x)))
