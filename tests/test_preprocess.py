@@ -56,6 +56,9 @@ def write_case_zip(path: Path, thin_hu: np.ndarray, slab: int = 5, *, frame2: st
             zf.writestr(f"{path.stem}/2/{name}", data)
 
 
+TRAIN_ONLY = {"train": 1.0, "val": 0.0, "test": 0.0}  # one case can fill it
+
+
 def make_params(**preprocess):
     return params_from_dict({"preprocess": {"workers": 1, "min_cases": 1, "min_slices": 3, **preprocess}})
 
@@ -136,7 +139,7 @@ def test_too_few_usable_cases_fails_after_writing_the_report(tmp_path):
     (raw / "APE" / "case_001.zip").write_bytes(b"not a zip")
     out = tmp_path / "processed"
     with pytest.raises(PreprocessError, match="only 1 usable case"):
-        preprocess(make_params(min_cases=2), raw, out, progress=False)
+        preprocess(make_params(min_cases=2, split=TRAIN_ONLY), raw, out, progress=False)
     assert json.loads((out / "report.json").read_text())["n_rejected"] == 1
 
 
@@ -144,7 +147,7 @@ def test_no_patient_identifier_reaches_processed_data(tmp_path):
     raw = tmp_path / "raw"
     write_case_zip(raw / "APE" / "case_007.zip", truth_volume(20), phi=PHI)
     out = tmp_path / "processed"
-    preprocess(make_params(), raw, out, progress=False)
+    preprocess(make_params(split=TRAIN_ONLY), raw, out, progress=False)
     with zipfile.ZipFile(raw / "APE" / "case_007.zip") as zf:
         import pydicom
 
@@ -188,3 +191,30 @@ def test_splits_are_patient_level_stratified_and_deterministic():
     assert sorted(all_ids) == sorted(c for c, _ in cases) and len(set(all_ids)) == 20
     for name, n in (("train", 6), ("val", 2), ("test", 2)):
         assert sum(1 for c in splits[name] if int(c[-3:]) < 10) == n  # per category
+
+
+def test_every_split_with_a_share_gets_a_case_even_when_the_per_category_cut_leaves_one_empty():
+    """3 APE + 2 non-APE at 0.6 / 0.2 / 0.2: each category's spare case went to train or val, leaving no
+    test case; one moves over from the split furthest beyond its share."""
+    cases = [("case_001", "APE"), ("case_002", "APE"), ("case_003", "APE"), ("case_004", "non-APE"),
+             ("case_005", "non-APE")]
+    fractions = SplitParams(train=0.6, val=0.2, test=0.2)
+    for seed in range(5):
+        splits = assign_splits(cases, fractions, seed=seed)
+        assert all(splits[name] for name in ("train", "val", "test")), splits
+        assert sorted(sum(splits.values(), [])) == [c for c, _ in cases]
+        assert len(splits["train"]) == 3
+    # a split with no share stays empty
+    assert assign_splits(cases, SplitParams(train=0.8, val=0.2, test=0.0), seed=0)["test"] == []
+
+
+def test_too_few_cases_for_the_splits_fail_at_once_naming_fractions_and_counts(tmp_path):
+    with pytest.raises(PreprocessError, match=r"2 case\(s\) cannot fill the 3 splits .*train 0.6, val 0.2, test 0.2"):
+        assign_splits([("a", "APE"), ("b", "non-APE")], SplitParams(train=0.6, val=0.2, test=0.2), seed=0)
+    raw = tmp_path / "raw" / "APE"
+    raw.mkdir(parents=True)
+    for name in ("case_001", "case_002"):
+        (raw / f"{name}.zip").write_bytes(b"not read: the stage stops before opening any zip")
+    with pytest.raises(PreprocessError, match="cannot fill the 3 splits"):
+        preprocess(params_from_dict({}), tmp_path / "raw", tmp_path / "processed", progress=False)
+    assert not (tmp_path / "processed").exists()

@@ -48,6 +48,9 @@ class SeriesSpec:
     institution_name: str = ""
     referring_physician: str = ""
     study_date: str = "20200101"
+    study_time: str = "120000"
+    patient_sex: str = "O"
+    patient_position: str = "HFS"  # head first supine: what the LPS geometry of a chest CT usually is
     specific_character_set: str = "ISO_IR 100"
     rescale_slope: float = 1.0
     rescale_intercept: float = -1024.0
@@ -111,6 +114,7 @@ def _slice_file(stored: np.ndarray, rescale: list[tuple[float, float]], spec: Se
     ds = _base_dataset(spec, CTImageStorage, generate_uid(entropy_srcs=[spec.series_uid, str(k)]), stored.shape)
     ds.ImageType = list(spec.image_type)
     ds.InstanceNumber = (n_slices - k) if spec.reverse_instance_numbers else (k + 1)
+    ds.AcquisitionNumber = 1
     ds.update(_plane_position(spec, k))
     ds.update(_plane_orientation(spec))
     ds.update(_pixel_measures(spec))
@@ -178,13 +182,17 @@ def _base_dataset(spec: SeriesSpec, sop_class: str, sop_uid: str, shape: tuple[i
     ds.PatientName = spec.patient_name
     ds.PatientID = spec.patient_id
     ds.PatientBirthDate = spec.patient_birth_date
-    ds.PatientSex = "O"
+    ds.PatientSex = spec.patient_sex
+    ds.StudyTime = spec.study_time
     ds.KVP = "120"
     ds.StudyInstanceUID = spec.study_uid
     ds.SeriesInstanceUID = spec.series_uid
     ds.StudyID = "1"
     ds.SeriesNumber = spec.series_number
+    ds.Laterality = ""  # Type 2C: a chest is not a paired body part, so present and empty
+    ds.PatientPosition = spec.patient_position
     ds.FrameOfReferenceUID = spec.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = shape[1]

@@ -225,22 +225,50 @@ def assign_splits(cases: Iterable[tuple[str, str]], fractions: SplitParams, seed
 
     ``cases`` are (case_id, category). Within each category the sorted ids are shuffled with
     ``seed`` and cut by the fractions (largest remainders get the spare cases), so the outcome does
-    not depend on discovery order and a case id is in exactly one split.
+    not depend on discovery order and a case id is in exactly one split. Every split with a nonzero
+    fraction gets at least one case: where the per-category cut leaves one empty (5 cases, 3 + 2, at
+    0.6 / 0.2 / 0.2 give no test case), a case moves to it from the split with the most cases beyond its
+    share. Fewer cases than such splits raise :class:`PreprocessError` naming the fractions and counts.
     """
     by_category: dict[str, list[str]] = {}
     for case_id, category in cases:
         by_category.setdefault(category, []).append(case_id)
-    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+    shares = dict(zip(SPLITS, (fractions.train, fractions.val, fractions.test)))
+    wanted = [name for name in SPLITS if shares[name] > 0]
+    n = sum(len(ids) for ids in by_category.values())
+    check_split_counts(n, fractions)
+    # blocks[category][split]: that category's cases in that split, in shuffled order
+    blocks: dict[str, dict[str, list[str]]] = {}
     for i, category in enumerate(sorted(by_category)):
         ids = sorted(by_category[category])
         rng = np.random.default_rng([seed, i])
         order = [ids[j] for j in rng.permutation(len(ids))]
-        counts = _largest_remainder(len(ids), [fractions.train, fractions.val, fractions.test])
+        counts = _largest_remainder(len(ids), list(shares.values()))
+        blocks[category] = {}
         start = 0
         for name, count in zip(SPLITS, counts):
-            splits[name].extend(order[start:start + count])
+            blocks[category][name] = order[start:start + count]
             start += count
-    return {name: sorted(ids) for name, ids in splits.items()}
+    for empty in wanted:
+        totals = {name: sum(len(b[name]) for b in blocks.values()) for name in SPLITS}
+        if totals[empty]:
+            continue
+        donor = max((name for name in SPLITS if totals[name] > 1),
+                    key=lambda name: (totals[name] - n * shares[name], -SPLITS.index(name)))
+        category = max(sorted(blocks), key=lambda c: len(blocks[c][donor]))
+        blocks[category][empty].append(blocks[category][donor].pop())
+    return {name: sorted(case_id for b in blocks.values() for case_id in b[name]) for name in SPLITS}
+
+
+def check_split_counts(n_cases: int, fractions: SplitParams) -> None:
+    """Raise :class:`PreprocessError` when ``n_cases`` cannot give every nonzero-fraction split one case."""
+    shares = dict(zip(SPLITS, (fractions.train, fractions.val, fractions.test)))
+    wanted = [name for name in SPLITS if shares[name] > 0]
+    if n_cases < len(wanted):
+        shown = ", ".join(f"{name} {shares[name]:g}" for name in SPLITS)
+        raise PreprocessError(f"{n_cases} case(s) cannot fill the {len(wanted)} splits with a nonzero fraction "
+                              f"(preprocess.split: {shown}); each needs at least one case: add cases or set a "
+                              f"fraction to 0")
 
 
 def _largest_remainder(n: int, fractions: list[float]) -> list[int]:
@@ -275,6 +303,7 @@ def preprocess(params: Params, raw_dir: Path, out_dir: Path, progress: bool = Tr
     inputs, results = find_cases(raw_dir)
     if not inputs:
         raise PreprocessError(f"no case zips under {raw_dir}")
+    check_split_counts(len(inputs), p.split)  # before any work: too few zips can never fill the splits
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     _remove_unknown_cases(out_dir, {c.case_id for c in inputs})
@@ -314,13 +343,12 @@ def preprocess(params: Params, raw_dir: Path, out_dir: Path, progress: bool = Tr
         "n_rejected": len(results) - len(ok),
         "cases": [r.report_entry() for r in results],
     }
-    splits = assign_splits(((r.case_id, r.category) for r in ok), p.split, params.seed)
-    write_splits(out_dir, splits)
     atomic_write_json(out_dir / "report.json", report)
     if len(ok) < p.min_cases:
         raise PreprocessError(
             f"only {len(ok)} usable case(s) of {len(results)} (preprocess.min_cases={p.min_cases}); "
             f"see {out_dir / 'report.json'} for the reasons")
+    write_splits(out_dir, assign_splits(((r.case_id, r.category) for r in ok), p.split, params.seed))
     return report
 
 
