@@ -196,3 +196,78 @@ def test_loading_prints_no_install_accelerate_hint(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "loaded" and "accelerate" not in out.stderr + out.stdout
+
+
+# --------------------------------------------------------------------------------- MAISI conventions
+FEET_FIRST_PRONE = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0)  # i -> R, j -> A, k -> I (LPS columns)
+OBLIQUE_PERMUTED = (0.0, 0.0, 1.0, 0.99, 0.141, 0.0, -0.141, 0.99, 0.0)  # i ~ S, j ~ L, k ~ P, slightly tilted
+
+
+def _coordinate_volume(shape, direction):
+    """(1, 3, D, H, W): each voxel's R, A and S coordinates (mm, the grid at unit spacing) on the channels."""
+    d, h, w = shape
+    k, j, i = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    lps = np.asarray(direction, float).reshape(3, 3) @ np.stack([i.ravel(), j.ravel(), k.ravel()]).astype(float)
+    ras = np.diag([-1.0, -1.0, 1.0]) @ lps
+    return torch.from_numpy(ras.reshape(3, *shape))[None]
+
+
+@pytest.mark.parametrize("direction", [None, FEET_FIRST_PRONE, OBLIQUE_PERMUTED], ids=["hfs", "ffp", "oblique"])
+def test_maisi_sees_each_volume_as_ras_xyz_and_the_layout_comes_back_bit_exact(direction):
+    from ctdiff.models.vae.base import IDENTITY_DIRECTION
+    from ctdiff.models.vae.maisi import RasOrientation
+
+    shape = (4, 6, 8)
+    volume = _coordinate_volume(shape, direction or IDENTITY_DIRECTION)
+    orientation = RasOrientation.of(direction)
+    ras = orientation.to_ras(volume)
+    assert torch.equal(orientation.from_ras(ras), volume)
+    # a step along axis a of the RAS array moves mostly along R, A, S (a = 0, 1, 2), and forward
+    for axis in range(3):
+        step = torch.diff(ras, dim=2 + axis).mean(dim=(2, 3, 4))[0]  # (3,) mm of R, A, S
+        assert step[axis] > 0.9 and step.abs().argmax() == axis
+    assert ras.shape[2:] == orientation.ras_shape(shape)
+
+    # The codec hands the network exactly that array, and its latents come back in the caller's layout.
+    codec, _ = _codec(True)
+    seen = []
+    encode = codec.module.encode
+    codec.module.encode = lambda x: seen.append(x.clone()) or encode(x)
+    hu = torch.from_numpy(synthetic_ct((8, 12, 16), 3))[None, None]
+    latent = codec.encode_hu(hu, direction)
+    assert torch.equal(seen[0], RasOrientation.of(direction).to_ras(codec.hu_to_x01(hu)))
+    assert latent.shape[2:] == (2, 3, 4)  # (D, H, W) / 4, not the RAS array's order
+    assert codec.decode_hu(latent, hu.shape[2:], direction).shape == hu.shape
+
+
+def test_a_batch_of_mixed_orientations_runs_each_item_in_its_own():
+    codec, _ = _codec(True)
+    hu = torch.from_numpy(np.stack([synthetic_ct((8, 12, 16), s) for s in (4, 5)]))[:, None]
+    together = codec.encode_hu(hu, [FEET_FIRST_PRONE, (1, 0, 0, 0, 1, 0, 0, 0, 1)])
+    torch.testing.assert_close(together[0:1], codec.encode_hu(hu[0:1], FEET_FIRST_PRONE), rtol=0, atol=1e-6)
+    torch.testing.assert_close(together[1:2], codec.encode_hu(hu[1:2]), rtol=0, atol=1e-6)
+    assert not torch.allclose(codec.encode_hu(hu[0:1], FEET_FIRST_PRONE), codec.encode_hu(hu[0:1]))
+
+
+def test_fp16_group_norms_never_reach_the_training_paths():
+    """MAISI's norm_float16 (on wherever the codec runs on CUDA) made the fine-tuning paths crash in fp32:
+    'Input type (c10::Half) and bias type (float) should be the same'. The codec turns it on only inside
+    its own autocast inference; the training paths run with fp32 norms, whatever precision the caller uses."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+
+    codec, vae = _codec(True)
+    forced = MaisiCodec(codec.config, vae.hu_range, vae.maisi.tile, vae.maisi.overlap, norm_float16=True)
+    norms = [m for m in forced.module.modules() if isinstance(m, MaisiGroupNorm3D)]
+    x01 = forced.hu_to_x01(torch.from_numpy(synthetic_ct((8, 16, 16), 6))[None, None])
+    assert not any(n.norm_float16 for n in norms)
+    mean, std = forced.posterior_x01(x01)  # the train stage's "full" fine-tuning, fp32
+    recon = forced.decode_x01(mean)  # decode_x01_train
+    recon.float().abs().mean().backward()
+    with forced.inference():
+        assert all(n.norm_float16 for n in norms)
+    assert not any(n.norm_float16 for n in norms)
+    # What the fix prevents: fp16 norm outputs feeding fp32 convolutions outside an fp16 autocast.
+    for n in norms:
+        n.norm_float16 = True
+    with pytest.raises(RuntimeError, match="Half"):
+        forced.decode_x01(mean.detach())

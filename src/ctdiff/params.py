@@ -182,7 +182,8 @@ class MaisiParams:
         default_factory=lambda: MaisiArchParams(num_channels=(8, 16, 32), num_res_blocks=(1, 1, 1), norm_num_groups=4)
     )
     patch: tuple[int, int, int] = (16, 32, 32)  # vae_fit random crop [D, H, W]
-    tile: tuple[int, int, int] = (64, 64, 64)  # sliding-window tile [D, H, W] (multiples of 16); bigger = untiled
+    # sliding-window tile [X, Y, Z] of the RAS array MAISI sees (its configs' order; multiples of 16)
+    tile: tuple[int, int, int] = (64, 64, 64)
     overlap: float = 0.25
     num_splits: int = 1  # AutoencoderKlMaisi splits every conv input into this many pieces; 1 = no split
     dim_split: int = 1
@@ -190,8 +191,9 @@ class MaisiParams:
     def __post_init__(self) -> None:
         _require(all(t > 0 and t % 16 == 0 for t in self.tile), "vae.maisi.tile", "sizes must be multiples of 16")
         _require(0.0 <= self.overlap < 1.0, "vae.maisi.overlap", "must be in [0, 1)")
-        _require(all(0 < p <= t for p, t in zip(self.patch, self.tile)), "vae.maisi.patch",
-                 "sizes must be > 0 and fit in vae.maisi.tile (a training patch is never tiled)")
+        _require(all(p > 0 for p in self.patch) and max(self.patch) <= min(self.tile), "vae.maisi.patch",
+                 "sizes must be > 0 and fit in vae.maisi.tile along every axis, whatever the volume's orientation "
+                 "(a training patch is never tiled)")
         _require(self.num_splits >= 1, "vae.maisi.num_splits", "must be >= 1")
         _require(self.dim_split in (0, 1, 2), "vae.maisi.dim_split", "must be 0, 1 or 2")
 

@@ -28,11 +28,12 @@ from ctdiff.data.slab import case_consistency
 from ctdiff.device import pick_device
 from ctdiff.evaluation.figures import cut_planes, densest_plane
 from ctdiff.evaluation.report import CaseResult, case_panel, log_results
-from ctdiff.evaluation.rungs import PREDICTION, Ladder, LadderInputs, decoded_change
-from ctdiff.inference.sampling import TrainedModel, load_trained_model, sample_thin, vae_round_trip
+from ctdiff.evaluation.rungs import PREDICTION, Ladder, LadderInputs
+from ctdiff.inference.sampling import TrainedModel, decoded_change, load_trained_model, sample_thin, vae_round_trip
 from ctdiff.io import atomic_dir, atomic_live
 from ctdiff.metrics.cases import score
 from ctdiff.metrics.structures import StructureTruth
+from ctdiff.metrics.uncertainty import uncertainty_metrics
 from ctdiff.models.reference import load_reference, predict_reference
 from ctdiff.params import Params
 
@@ -64,19 +65,22 @@ def ladder_inputs(model: TrainedModel, reference: torch.nn.Module | None, params
     """(what the case's rungs are built from, seconds the sampling took, slabs series 1 constrains)."""
     ep = params.evaluate
     source, target, series1 = case.load("source"), case.load("target"), case.load("series1")
+    direction = case.grid.direction
     operator, measured = case_consistency(case.meta, series1, ep.slab_profile)
+    project = partial(operator.project, measured=measured)
     tic = time.perf_counter()
-    model_raw = sample_thin(model, params, source, params.seed)
+    samples = sample_thin(model, params, source, params.seed, direction, spread_of=project if ep.consistency else None)
     seconds = time.perf_counter() - tic
-    vae_ceiling = vae_round_trip(model.vae, target)
+    model_raw = samples.mean
+    vae_ceiling = vae_round_trip(model.vae, target, direction)
     baseline = source.astype(np.float32)
     if ep.decode == "change":
-        anchor = vae_round_trip(model.vae, source)
+        anchor = vae_round_trip(model.vae, source, direction)
         model_raw, vae_ceiling = decoded_change(model_raw, baseline, anchor), decoded_change(vae_ceiling, baseline,
                                                                                             anchor)
     bspline = resample(series1, case.series1_grid, case.grid, "bspline") if ep.bspline_baseline else None
-    inputs = LadderInputs(model_raw, vae_ceiling, baseline, bspline, partial(operator.project, measured=measured),
-                          ep.consistency, None if reference is None else partial(predict_reference, reference, params))
+    inputs = LadderInputs(model_raw, samples.spread, vae_ceiling, baseline, bspline, project, ep.consistency,
+                          None if reference is None else partial(predict_reference, reference, params))
     return inputs, seconds, operator.n_slabs
 
 
@@ -96,6 +100,10 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
             result.planes[rung.column] = cut_planes(volume, through)
         if rung.name == PREDICTION:
             result.error = cut_planes(np.abs(volume - truth.astype(np.float32)), through)
+            spread = ladder.inputs.model_spread
+            if spread is not None:  # several draws: how well their spread ranks and covers the error
+                result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.vae.hu_range))
+                result.spread = cut_planes(spread, through)
             if preds is not None:
                 sitk.WriteImage(image_from_array(to_int16_hu(volume), case.grid), str(preds / f"{case.case_id}.nii.gz"),
                                 useCompression=True)

@@ -72,11 +72,12 @@ def cut_planes(volume: np.ndarray, through: tuple[int, int]) -> Planes:
     return np.array(volume[k], dtype=np.float32), np.array(volume[::-1, j, :], dtype=np.float32)
 
 
-def ladder_panel(columns: list[tuple[str, Planes]], truth: Planes, error: tuple[str, Planes],
+def ladder_panel(columns: list[tuple[str, Planes]], truth: Planes, maps: list[tuple[str, Planes]],
                  spacing_mm: Sequence[float], window_hu: Sequence[float], title: str,
                  through: tuple[int, int]) -> Figure:
-    """Axial and coronal planes (:func:`cut_planes`) of each (label, planes) column, the truth, then the
-    ``error`` column (label, |prediction - truth| planes in HU).
+    """Axial and coronal planes (:func:`cut_planes`) of each (label, planes) column in grey, the truth, then
+    the ``maps`` columns (label, planes in HU: |prediction - truth|, the spread of the samples) in one colour
+    scale from 0 to ``ERROR_HU_MAX``, so an error and the spread that should announce it compare by eye.
 
     Coronal planes are shown at the true aspect ratio (slice spacing / pixel), each row as tall as its
     anatomy, so thick slabs look as thick as they are and a thin series' z detail is visible.
@@ -89,17 +90,19 @@ def ladder_panel(columns: list[tuple[str, Planes]], truth: Planes, error: tuple[
     heights = [h * sy / (w * sx), d * sz / (w * sx)]
     width_in = 2.6
     # dpi 80: the panels of a real-size case stay a few hundred KB
-    fig = Figure(figsize=(width_in * (len(shown) + 1) + 0.6, width_in * sum(heights) + 0.9), dpi=80)
-    axes = fig.subplots(2, len(shown) + 1, squeeze=False, gridspec_kw={"height_ratios": heights})
+    fig = Figure(figsize=(width_in * (len(shown) + len(maps)) + 0.6 * len(maps), width_in * sum(heights) + 0.9),
+                 dpi=80)
+    axes = fig.subplots(2, len(shown) + len(maps), squeeze=False, gridspec_kw={"height_ratios": heights})
     for row, (view, plane, aspect) in enumerate(views):
         for col, (label, planes) in enumerate(shown):
             axes[row, col].imshow(planes[plane], cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect,
                                   interpolation="nearest")
             axes[row, col].set_title(f"{view}: {label}", fontsize=8)
-        image = axes[row, -1].imshow(error[1][plane], cmap="magma", vmin=0, vmax=ERROR_HU_MAX, aspect=aspect,
-                                     interpolation="nearest")
-        axes[row, -1].set_title(error[0], fontsize=8)
-        fig.colorbar(image, ax=axes[row, -1], fraction=0.046, pad=0.04)
+        for col, (label, planes) in enumerate(maps, start=len(shown)):
+            image = axes[row, col].imshow(planes[plane], cmap="magma", vmin=0, vmax=ERROR_HU_MAX, aspect=aspect,
+                                          interpolation="nearest")
+            axes[row, col].set_title(label, fontsize=8)
+            fig.colorbar(image, ax=axes[row, col], fraction=0.046, pad=0.04)
     for ax in axes.flat:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=9)

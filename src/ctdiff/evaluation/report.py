@@ -25,6 +25,7 @@ from ctdiff.io import atomic_write_text
 from ctdiff.metrics.cases import paired_gains, summarise
 from ctdiff.metrics.image import METRIC_NAMES
 from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS, STRUCTURE_METRICS
+from ctdiff.metrics.uncertainty import UNCERTAINTY_METRICS
 from ctdiff.params import Params
 
 GAIN_KEY = "model_minus_baseline_consistent"  # paired per-case gain of the model over the honest baseline
@@ -49,6 +50,7 @@ class CaseResult:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # rung -> metric -> value
     planes: dict[str, Planes] = field(default_factory=dict)  # panel column -> planes
     error: Planes | None = None  # |prediction - truth| HU
+    spread: Planes | None = None  # the per-voxel spread of the prediction's draws, HU (several draws only)
 
     def row(self) -> dict[str, Any]:
         """The case's per_case.csv row."""
@@ -67,8 +69,10 @@ def case_panel(result: CaseResult, window_hu: tuple[float, float]) -> Figure:
                                               if r.column is not None and r.column in result.planes]
     psnrs = ", ".join(f"{r.name} {scores[r.name]['psnr_body']:.2f}" for r in RUNGS if r.headline and r.name in scores)
     title = f"{result.case_id} ({result.category}): psnr_body dB {psnrs}{findings_line(scores)}"
-    return ladder_panel(columns, result.truth, (f"|{PREDICTION} - truth| HU", result.error), result.spacing_mm,
-                        window_hu, title, result.through)
+    maps = [(f"|{PREDICTION} - truth| HU", result.error)]
+    if result.spread is not None:
+        maps.append((f"{PREDICTION} spread (sample std) HU", result.spread))
+    return ladder_panel(columns, result.truth, maps, result.spacing_mm, window_hu, title, result.through)
 
 
 def findings_line(scores: dict[str, dict[str, float]]) -> str:
@@ -84,7 +88,7 @@ def log_results(live: Live, results: list[CaseResult], model: TrainedModel, para
     ep = params.evaluate
     per_case = [r.scores for r in results]
     for rung, metrics in summarise(per_case).items():
-        for name in (*METRIC_NAMES, *STRUCTURE_METRICS):
+        for name in (*METRIC_NAMES, *STRUCTURE_METRICS, *UNCERTAINTY_METRICS):
             if name in metrics:  # a structure metric only where some case has labels for it
                 live.log_metric(f"{rung}/{name}", metrics[name], plot=False)
     for rung, against in PAIRS:

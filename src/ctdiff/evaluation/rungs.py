@@ -19,9 +19,9 @@ is built from the inputs (and the rungs it needs), whether it is projected, and 
   holds), raw and projected.
 
 With ``evaluate.decode: change`` a decode ``D(z)`` enters the ladder as the change it makes to the
-baseline, ``baseline + D(z) - D(E(baseline))`` (:func:`decoded_change`), for the model and the ceiling
-alike: what the VAE gets wrong in both decodes the same way (in-plane blur, a bias) cancels, and the
-ceiling stays the ceiling of what the model's output can reach.
+baseline, ``baseline + D(z) - D(E(baseline))`` (:func:`ctdiff.inference.sampling.decoded_change`), for the
+model and the ceiling alike: what the VAE gets wrong in both decodes the same way (in-plane blur, a bias)
+cancels, and the ceiling stays the ceiling of what the model's output can reach.
 
 To add a rung, add one :class:`Rung` to :data:`RUNGS`.
 """
@@ -41,6 +41,7 @@ class LadderInputs:
     """What one case's rungs are built from: (D, H, W) HU volumes on the common grid and two maps."""
 
     model_raw: np.ndarray  # the decoded (averaged) sample
+    model_spread: np.ndarray | None  # per-voxel spread of the draws the model rung averages; None for one draw
     vae_ceiling: np.ndarray  # the truth encoded and decoded
     baseline: np.ndarray  # source.npy: series 1 linearly interpolated
     baseline_bspline: np.ndarray | None  # series 1 B-spline-interpolated, or None (evaluate.bspline_baseline)
@@ -130,9 +131,3 @@ class Ladder:
             later = {need for r in RUNGS[i + 1:] for need in r.needs}
             for name in [n for n in self._built if n in done and n not in later]:
                 self._built[name] = None  # scored and needed no more: released (never rebuilt)
-
-
-def decoded_change(decoded: np.ndarray, baseline: np.ndarray, baseline_decoded: np.ndarray) -> np.ndarray:
-    """``baseline + decoded - baseline_decoded``: (D, H, W) HU each; the decode read as a change."""
-    return (np.asarray(baseline, np.float32) + np.asarray(decoded, np.float32)
-            - np.asarray(baseline_decoded, np.float32))

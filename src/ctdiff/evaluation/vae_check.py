@@ -20,15 +20,16 @@ from tqdm import tqdm
 from ctdiff.data.processed import split_cases
 from ctdiff.evaluation.figures import orthogonal_panel
 from ctdiff.metrics.image import METRIC_NAMES, mean_metrics, reconstruction_metrics
-from ctdiff.models.vae.base import LatentCodec
+from ctdiff.models.vae.base import Direction, LatentCodec
 from ctdiff.models.vae.weights import load_codec
 from ctdiff.params import Params
 
 
-def round_trip(codec: LatentCodec, hu: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+def round_trip(codec: LatentCodec, hu: np.ndarray, direction: Direction | None = None
+               ) -> tuple[np.ndarray, tuple[int, ...]]:
     """(D, H, W) HU -> (reconstruction (D, H, W) float32 HU, latent shape (C, d, h, w))."""
-    latent = codec.encode_hu(torch.from_numpy(hu)[None, None])
-    recon = codec.decode_hu(latent, hu.shape)
+    latent = codec.encode_hu(torch.from_numpy(hu)[None, None], direction)
+    recon = codec.decode_hu(latent, hu.shape, direction)
     return recon[0, 0].numpy(), tuple(latent.shape[1:])
 
 
@@ -41,7 +42,7 @@ def check_vae(params: Params, processed_dir: Path, vae_dir: Path, live: Live,
     for case in tqdm(cases, desc="vae_check", unit="volume"):
         target = case.load("target")
         started = time.perf_counter()
-        recon, latent_shape = round_trip(codec, target)
+        recon, latent_shape = round_trip(codec, target, case.grid.direction)
         seconds = time.perf_counter() - started
         values = reconstruction_metrics(recon, target, codec.hu_range)
         per_case.append({"case_id": case.case_id, **values, "seconds": seconds,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,24 +22,33 @@ import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
+from tqdm import tqdm
 
 from ctdiff.models.checkpoint import load_checkpoint
 from ctdiff.models.denoiser import build_unet, crop_latent, latent_patch_shape, pad_latent
 from ctdiff.models.diffusion import LatentTarget, sample, sampling_scheduler
 from ctdiff.models.vae.adapter import VaeAdapter
-from ctdiff.params import Params
+from ctdiff.params import Params, TrainParams, UnetParams, params_from_dict
 
 CHECKPOINTS = ("best.pt", "last.pt")  # best by val loss; last when no validation improved on the first
 
 
 @dataclass
 class TrainedModel:
+    """A trained model ready to sample: the denoiser and the noise process as the checkpoint trained them."""
+
     unet: nn.Module
     vae: VaeAdapter
     scale_factor: float
     latent_target: LatentTarget
     latent_patch: tuple[int, int, int]
+    train_params: TrainParams  # the checkpoint's: its UNet, patch, scheduler and prediction
     checkpoint: dict[str, Any]  # file, step, epoch
+    geometry: dict[str, Any]  # what the model was trained on (:func:`ctdiff.training.ldm.training_geometry`)
+
+    @property
+    def unet_params(self) -> UnetParams:
+        return self.train_params.unet
 
 
 class WindowedDenoiser(nn.Module):
@@ -71,43 +81,90 @@ def load_trained_model(params: Params, vae_dir: Path, ckpt_dir: Path, device: to
     if ckpt.get("vae") is not None:
         vae.module.load_state_dict(ckpt["vae"])
     vae.set_trainable("none")
-    unet = build_unet(params.train.unet, vae.latent_channels)
+    # The denoiser and its noise process as trained (not as params.yaml says now): a copy of the models
+    # folder samples with the UNet, patch and scheduler it was trained with.
+    tp = params_from_dict({"train": ckpt["train_params"]}).train
+    unet = build_unet(tp.unet, vae.latent_channels)
     unet.load_state_dict(ckpt["unet"])
     unet.to(device).eval()
-    latent_patch = latent_patch_shape(params.train.patch, vae.downsample, params.train.unet.latent_multiple, vae.name)
-    latent_target = LatentTarget(bool(ckpt.get("train_params", {}).get("residual", False)),
-                                 float(ckpt.get("residual_gain") or 1.0))
-    return TrainedModel(unet, vae, float(ckpt["scale_factor"]), latent_target, tuple(latent_patch),
-                        {"file": path.name, "step": int(ckpt["step"]), "epoch": int(ckpt["epoch"])})
+    latent_patch = latent_patch_shape(tp.patch, vae.downsample, tp.unet.latent_multiple, vae.name)
+    latent_target = LatentTarget(tp.residual, float(ckpt.get("residual_gain") or 1.0))
+    return TrainedModel(unet, vae, float(ckpt["scale_factor"]), latent_target, tuple(latent_patch), tp,
+                        {"file": path.name, "step": int(ckpt["step"]), "epoch": int(ckpt["epoch"])},
+                        dict(ckpt.get("geometry") or {}))
+
+
+@dataclass
+class Samples:
+    """What :func:`sample_thin` drew for one volume: (D, H, W) float32 HU arrays on the thin grid."""
+
+    mean: np.ndarray  # the average of the decoded draws: an estimate of the posterior mean
+    spread: np.ndarray | None  # per-voxel standard deviation (ddof 1) of the draws; None for a single draw
+    n: int  # draws
 
 
 @torch.no_grad()
-def sample_thin(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int) -> np.ndarray:
-    """Sample series 2 given series 1 on its grid: (D, H, W) HU in, (D, H, W) float32 HU out, the mean of
-    ``evaluate.samples`` decoded draws (see the module docstring)."""
+def sample_thin(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int,
+                direction: Sequence[float] | None = None,
+                spread_of: Callable[[np.ndarray], np.ndarray] | None = None, progress: bool = False) -> Samples:
+    """Sample series 2 given series 1 on its grid: (D, H, W) HU in, ``evaluate.samples`` decoded draws out,
+    averaged (see the module docstring). ``direction``: the grid's (SimpleITK, LPS).
+
+    ``spread_of``: an affine map applied to each draw before its spread is taken (evaluate and predict pass
+    the slab projection, so the spread is that of what the ``model`` rung averages); the mean is of the draws
+    as decoded. Running sums (Welford) in float32 keep three volumes, whatever the number of draws.
+    """
+    ep = params.evaluate
     device = next(model.unet.parameters()).device
     hu = torch.from_numpy(source_hu.astype(np.float32))[None, None].to(device)
     # The posterior mean conditions sampling: the deterministic code of series 1.
-    condition = model.vae.encode_posterior_hu(hu).mean * model.scale_factor
+    condition = model.vae.encode_posterior_hu(hu, direction).mean * model.scale_factor
+    del hu
     latent_shape = tuple(condition.shape[2:])
-    condition = pad_latent(condition, params.train.unet)
+    condition = pad_latent(condition, model.unet_params)
     roi = tuple(min(r, s) for r, s in zip(model.latent_patch, condition.shape[2:]))
     denoiser: nn.Module = model.unet
     if roi != tuple(condition.shape[2:]):
-        denoiser = WindowedDenoiser(model.unet, roi, params.evaluate.overlap, params.evaluate.window_batch)
+        denoiser = WindowedDenoiser(model.unet, roi, ep.overlap, ep.window_batch)
     generator = torch.Generator(device=device).manual_seed(seed)
-    scheduler = sampling_scheduler(params.train, params.evaluate.steps)
-    total = np.zeros(source_hu.shape, np.float64)
-    for _ in range(params.evaluate.samples):
+    scheduler = sampling_scheduler(model.train_params, ep.steps)
+    mean = np.zeros(source_hu.shape, np.float32)
+    spread_mean = np.zeros(source_hu.shape, np.float32) if spread_of is not None else mean
+    m2 = np.zeros(source_hu.shape, np.float32) if ep.samples > 1 else None
+    for n in tqdm(range(1, ep.samples + 1), desc="samples", unit="draw", disable=not progress, leave=False):
         latent = model.latent_target.latent(sample(denoiser, scheduler, condition, generator=generator), condition)
         latent = crop_latent(latent, latent_shape) / model.scale_factor
-        total += model.vae.decode_hu(latent, source_hu.shape)[0, 0].float().cpu().numpy()
-    return (total / params.evaluate.samples).astype(np.float32)
+        draw = model.vae.decode_hu(latent, source_hu.shape, direction)[0, 0].float().cpu().numpy()
+        del latent
+        spread_draw = spread_of(draw) if spread_of is not None else None
+        _welford(mean, None if spread_of is not None else m2, draw, n)
+        if spread_draw is not None:
+            _welford(spread_mean, m2, spread_draw, n)
+    spread = None if m2 is None else np.sqrt(m2 / (ep.samples - 1), out=m2)
+    return Samples(mean, spread, ep.samples)
+
+
+def _welford(mean: np.ndarray, m2: np.ndarray | None, x: np.ndarray, n: int) -> None:
+    """Add the ``n``-th draw ``x`` (D, H, W) to the running ``mean`` (and sum of squared deviations ``m2``), in
+    place, slice by slice so the temporaries are one slice, not one volume."""
+    for k in range(x.shape[0]):
+        delta = x[k] - mean[k]
+        mean[k] += delta / np.float32(n)
+        if m2 is not None:
+            delta *= x[k] - mean[k]
+            m2[k] += delta
+
+
+def decoded_change(decoded: np.ndarray, baseline: np.ndarray, baseline_decoded: np.ndarray) -> np.ndarray:
+    """``baseline + decoded - baseline_decoded``: (D, H, W) HU each; a decode read as the change it makes to
+    the baseline (``evaluate.decode: change``), so what the VAE gets wrong in both decodes cancels."""
+    return (np.asarray(baseline, np.float32) + np.asarray(decoded, np.float32)
+            - np.asarray(baseline_decoded, np.float32))
 
 
 @torch.no_grad()
-def vae_round_trip(vae: VaeAdapter, hu: np.ndarray) -> np.ndarray:
+def vae_round_trip(vae: VaeAdapter, hu: np.ndarray, direction: Sequence[float] | None = None) -> np.ndarray:
     """Encode (posterior mean) and decode: (D, H, W) HU -> (D, H, W) float32 HU."""
     device = next(vae.module.parameters()).device
     x = torch.from_numpy(hu.astype(np.float32))[None, None].to(device)
-    return vae.decode_hu(vae.encode_posterior_hu(x).mean, hu.shape)[0, 0].float().cpu().numpy()
+    return vae.decode_hu(vae.encode_posterior_hu(x, direction).mean, hu.shape, direction)[0, 0].float().cpu().numpy()

@@ -34,18 +34,18 @@ def score(pred_hu: np.ndarray, truth_hu: np.ndarray, hu_range: Sequence[float],
 def summarise(per_case: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
     """Mean of every metric of every rung over cases (NaN-aware).
 
-    :data:`METRIC_NAMES` must be in every case; a structure metric is averaged over the cases that have
-    it (embolus conspicuity over APE cases, ...) and left out where none has it.
+    :data:`METRIC_NAMES` must be in every case; any other metric (a structure metric, the uncertainty of
+    the model's spread) is averaged over the cases that have it (embolus conspicuity over APE cases, ...)
+    and left out where none has it.
     """
     rungs = list(per_case[0])
     out = {}
     for rung in rungs:
         cases = [case[rung] for case in per_case]
         out[rung] = mean_metrics(cases)
-        for name in STRUCTURE_METRICS:
+        for name in dict.fromkeys(name for case in cases for name in case if name not in METRIC_NAMES):
             values = [case[name] for case in cases if name in case]
-            if values:
-                out[rung][name] = float(np.nanmean(values))
+            out[rung][name] = float(np.nanmean(values))
     return out
 
 

@@ -70,7 +70,7 @@ class LatentCache:
                 t = {}
                 for which in ("source", "target"):
                     hu = torch.from_numpy(np.asarray(case.load(which), dtype=np.float32))[None, None]
-                    post = vae.encode_posterior_hu(hu)
+                    post = vae.encode_posterior_hu(hu, case.grid.direction)
                     t[f"{which}_mean"], t[f"{which}_std"] = post.mean[0], post.std[0]
                 if path is not None:
                     with atomic_path(path) as tmp:

@@ -318,6 +318,7 @@ def step_losses(m: Models, data: TrainData, cache: LatentCache | None, indices: 
     vae, device = m.vae, m.device
     with torch.autocast(device.type, dtype=m.amp_dtype or torch.float32, enabled=m.amp_dtype is not None):
         corners = m.sampler.corners(data.volumes, indices, rng)  # source and target cut at the same place
+        directions = [data.train[i].grid.direction for i in indices]
         if not frozen:
             source_hu, target_hu = m.sampler.image_batch(data.volumes, indices, corners)
             x01_target = vae.hu_to_x01(target_hu.to(device))
@@ -326,8 +327,8 @@ def step_losses(m: Models, data: TrainData, cache: LatentCache | None, indices: 
             # encoded whole, what sampling will condition on): read them in both phases.
             source, target = (p.to(device) for p in m.sampler.latent_batch(cache, indices, corners))
         else:  # "full": encode on the fly, so the diffusion gradient reaches the encoder
-            source = vae.posterior_x01(vae.hu_to_x01(source_hu.to(device)))
-            target = vae.posterior_x01(x01_target)
+            source = vae.posterior_x01(vae.hu_to_x01(source_hu.to(device)), directions)
+            target = vae.posterior_x01(x01_target, directions)
         z_source, z_target = source.sample() * scale_factor, target.sample() * scale_factor
         loss_diffusion = diffusion_loss(m.model, m.noise_scheduler, latent_target.x0(z_target, z_source), z_source)
         loss_vae = torch.zeros((), device=device)
@@ -339,7 +340,7 @@ def step_losses(m: Models, data: TrainData, cache: LatentCache | None, indices: 
             # latent slices: recon_block.)
             block, x01_block = recon_block(z_target / scale_factor, x01_target, vae.downsample, tp.vae_recon_slices,
                                            rng)
-            recon01 = vae.decode_x01_train(block)
+            recon01 = vae.decode_x01_train(block, directions)
             loss_vae = F.l1_loss(recon01.float(), x01_block) + tp.vae_kl_weight * vae.kl(target)
         loss = loss_diffusion + tp.vae_recon_weight * loss_vae
     return loss, loss_diffusion, loss_vae, z_target
@@ -419,7 +420,8 @@ class Validation:
         self.latents = []  # per case: (source mean, target mean), (C, d, h, w) on the VAE's device
         for case in self.cases:
             pair = [self.vae.encode_posterior_hu(torch.from_numpy(case.load(w).astype(np.float32))[None, None]
-                                                 .to(self.vae.codec.device)).mean[0] for w in ("source", "target")]
+                                                 .to(self.vae.codec.device), case.grid.direction).mean[0]
+                    for w in ("source", "target")]
             self.latents.append(tuple(pair))
 
     @torch.no_grad()
@@ -437,7 +439,8 @@ class Validation:
                 start = (target.shape[1] - depth) // 2
                 target_hu = torch.from_numpy(case.load("target", mmap=True)[start * fd:(start + depth) * fd]
                                              .astype(np.float32))  # the block only, not the whole volume
-                recon_hu = self.vae.decode_hu(target[None, :, start:start + depth], target_hu.shape)[0, 0].cpu()
+                recon_hu = self.vae.decode_hu(target[None, :, start:start + depth], target_hu.shape,
+                                              case.grid.direction)[0, 0].cpu()
                 values.append(psnr(self.vae.hu_to_x01(recon_hu), self.vae.hu_to_x01(target_hu)))
             self.psnr = float(np.mean(values))
         self.vae.module.train(was_training)

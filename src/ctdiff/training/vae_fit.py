@@ -69,15 +69,19 @@ def train_codec(codec: LatentCodec, cases: Sequence[Case], patch: Sequence[int],
     codec.module.train()
     history = []
     for epoch in tqdm(range(epochs), desc="vae_fit", unit="epoch"):
-        patches = [crop.as_tensor() for case in cases for which in ("source", "target")
-                   for crop in cropper(torch.from_numpy(case.load(which))[None])]
+        patches, directions = [], []
+        for case in cases:
+            for which in ("source", "target"):
+                crops = cropper(torch.from_numpy(case.load(which))[None])
+                patches += [crop.as_tensor() for crop in crops]
+                directions += [case.grid.direction] * len(crops)
         sums = {"loss": 0.0, "l1": 0.0, "kl": 0.0}
         order = rng.permutation(len(patches))
         for start in range(0, len(order), batch_size):
-            x01 = codec.hu_to_x01(torch.stack([patches[i] for i in order[start:start + batch_size]]))
-            x01 = x01.to(codec.device)
+            batch = order[start:start + batch_size]
+            x01 = codec.hu_to_x01(torch.stack([patches[i] for i in batch])).to(codec.device)
             with codec.autocast():
-                recon, z_mu, z_sigma = codec.reconstruct_train(x01)
+                recon, z_mu, z_sigma = codec.reconstruct_train(x01, [directions[i] for i in batch])
             l1 = F.l1_loss(recon.float(), x01)
             kl = kl_divergence(z_mu.float(), z_sigma.float())
             loss = l1 + kl_weight * kl

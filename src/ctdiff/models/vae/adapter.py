@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ctdiff.data.processed import digest
-from ctdiff.models.vae.base import LatentCodec, kl_divergence
+from ctdiff.models.vae.base import Directions, LatentCodec, kl_divergence
 from ctdiff.models.vae.weights import load_codec
 from ctdiff.params import VaeParams
 
@@ -88,28 +88,29 @@ class VaeAdapter:
         return self.codec.hu_to_x01(hu)
 
     # ------------------------------------------------------------------------------------ encoding
-    def encode_posterior_hu(self, hu: torch.Tensor) -> Posterior:
+    def encode_posterior_hu(self, hu: torch.Tensor, direction: Directions = None) -> Posterior:
         """(B, 1, D, H, W) HU, any size -> posterior (B, C, d, h, w) on ``hu.device``; no grad, eval mode, tiled
-        (MAISI) or sliced (SD) like the codec's ``encode_hu``."""
-        return Posterior(*self.codec.encode_posterior_hu(hu))
+        (MAISI) or sliced (SD) like the codec's ``encode_hu``. ``direction``: the volume's (SimpleITK, LPS),
+        one for the batch or one per item (:mod:`ctdiff.models.vae.base`)."""
+        return Posterior(*self.codec.encode_posterior_hu(hu, direction))
 
-    def posterior_x01(self, x01: torch.Tensor) -> Posterior:
+    def posterior_x01(self, x01: torch.Tensor, direction: Directions = None) -> Posterior:
         """Differentiable posterior of a patch (B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample``."""
-        return Posterior(*self.codec.posterior_x01(x01.to(self.codec.device)))
+        return Posterior(*self.codec.posterior_x01(x01.to(self.codec.device), direction))
 
-    def decode_x01_train(self, latent: torch.Tensor) -> torch.Tensor:
+    def decode_x01_train(self, latent: torch.Tensor, direction: Directions = None) -> torch.Tensor:
         """Differentiable decode of a latent patch (B, C, d, h, w) -> (B, 1, D, H, W) in [0, 1] units, unclamped
         (a clamp would stop the gradient wherever the decoder overshoots)."""
-        return self.codec.decode_x01(latent.to(self.codec.device))
+        return self.codec.decode_x01(latent.to(self.codec.device), direction)
 
     def kl(self, posterior: Posterior) -> torch.Tensor:
         """KL of a (B, C, d, h, w) posterior to N(0, 1), normalised as in vae_fit (summed, mean over B)."""
         return kl_divergence(posterior.mean, posterior.std)
 
     @torch.no_grad()
-    def decode_hu(self, latent: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    def decode_hu(self, latent: torch.Tensor, shape: Sequence[int], direction: Directions = None) -> torch.Tensor:
         """(B, C, d, h, w) unscaled latent -> (B, 1, D, H, W) HU cropped to ``shape``."""
-        return self.codec.decode_hu(latent, shape)
+        return self.codec.decode_hu(latent, shape, direction)
 
     # --------------------------------------------------------------------------------- fine-tuning
     def set_trainable(self, part: Literal["none", "decoder", "full"]) -> list[nn.Parameter]:

@@ -11,16 +11,24 @@ are cropped back when the original shape is given.
 model multiplies them by its scale factor (1 / std of the training latents), which the train stage computes
 from the latents it caches and stores in its checkpoints; the codec knows nothing of it.
 
-A codec implements two hooks, ``posterior_stacked_x01`` and ``decode_x01``, which handle any size (tiles
-or slices as the codec needs) and are differentiable; everything else (intensity mapping, padding and
-cropping, fp16 autocast on CUDA, the sampled training pass) lives here once.
+Orientation: every volume comes with the direction of its voxel axes (SimpleITK's LPS ``direction``, 9
+floats row-major; None = the identity of a head-first supine axial series), for the whole batch or one per
+item. A codec whose network was trained on another array convention (MAISI: RAS, (X, Y, Z)) reorients
+inside its hooks and back, so latents and decodes always come out in the caller's (D, H, W) layout; items
+of one batch with different directions are run apart.
+
+A codec implements two hooks, ``_posterior_stacked_x01`` and ``_decode_x01``, which handle any size (tiles
+or slices as the codec needs), one direction at a time, and are differentiable; everything else (intensity
+mapping, padding and cropping, fp16 autocast on CUDA, the sampled training pass, grouping by direction)
+lives here once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +36,18 @@ from torch import nn
 
 from ctdiff.data.intensity import to_hu, to_x01
 
+Direction = Sequence[float]  # 9 floats, row-major: the LPS directions of a volume's i, j, k axes (columns)
+Directions = Direction | Sequence[Direction] | None  # one for the batch, one per item, or None (identity)
+IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
 
 class LatentCodec(ABC):
     """A VAE behind one interface. Subclasses wrap a MONAI or diffusers module (``self.module``)."""
 
     #: spatial downsampling (fd, fh, fw) between a volume and its latent
     downsample: tuple[int, int, int]
+    #: whether the network sees the volume's orientation (a 3D codec reorients; a per-slice one does not)
+    uses_direction: bool = False
 
     def __init__(self, module: nn.Module, hu_range: Sequence[float], latent_channels: int,
                  device: torch.device | str = "cpu") -> None:
@@ -65,60 +79,87 @@ class LatentCodec(ABC):
 
     # ------------------------------------------------------------------------------------------- codec
     @torch.no_grad()
-    def encode_hu(self, hu: torch.Tensor) -> torch.Tensor:
+    def encode_hu(self, hu: torch.Tensor, direction: Directions = None) -> torch.Tensor:
         """(B, 1, D, H, W) HU, any size -> (B, C, d, h, w) unscaled latent (posterior mean), on ``hu.device``."""
-        return self.encode_posterior_hu(hu)[0]
+        return self.encode_posterior_hu(hu, direction)[0]
 
     @torch.no_grad()
-    def encode_posterior_hu(self, hu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_posterior_hu(self, hu: torch.Tensor, direction: Directions = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, D, H, W) HU, any size -> posterior (mean, std), each (B, C, d, h, w) on ``hu.device``.
 
         Tiled (MAISI) or sliced (SD) exactly like :meth:`encode_hu`; for latent caches that sample.
         """
         self.module.eval()
-        with self.autocast():
-            mean, std = self.posterior_x01(self.pad(self.hu_to_x01(hu)))
+        with self.inference():
+            mean, std = self.posterior_x01(self.pad(self.hu_to_x01(hu)), direction)
         return mean.float().to(hu.device), std.float().to(hu.device)
 
     @torch.no_grad()
-    def decode_hu(self, latent: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+    def decode_hu(self, latent: torch.Tensor, shape: Sequence[int] | None = None,
+                  direction: Directions = None) -> torch.Tensor:
         """(B, C, d, h, w) unscaled latent -> (B, 1, D, H, W) HU in ``hu_range``, cropped to ``shape`` (D, H, W)."""
         self.module.eval()
-        with self.autocast():
-            x01 = self.decode_x01(latent).float().to(latent.device)
+        with self.inference():
+            x01 = self.decode_x01(latent, direction).float().to(latent.device)
         return self.x01_to_hu(crop(x01, shape) if shape is not None else x01)
 
-    def posterior_x01(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior_x01(self, x01: torch.Tensor, direction: Directions = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample`` -> (mean, std), each (B, C, d, h, w).
 
         Differentiable when gradients are enabled (fine-tuning); on ``self.device``.
         """
-        stacked = self.posterior_stacked_x01(x01)
+        stacked = self._per_direction(x01, direction, self._posterior_stacked_x01)
         return stacked[:, : self.latent_channels], stacked[:, self.latent_channels :]
 
-    def reconstruct_train(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_x01(self, latent: torch.Tensor, direction: Directions = None) -> torch.Tensor:
+        """(B, C, d, h, w) -> (B, 1, d*fd, h*fh, w*fw) in [0, 1] units, not clamped; differentiable."""
+        return self._per_direction(latent, direction, self._decode_x01)
+
+    def reconstruct_train(self, x01: torch.Tensor, direction: Directions = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass on a patch whose sizes are multiples of ``downsample``, with gradients.
 
         Returns ``(recon_x01, z_mu, z_sigma)``: the reconstruction (B, 1, D, H, W) in [0, 1] units (not
         clamped) decoded from a latent sampled from the posterior, and the posterior mean and standard
         deviation (B, C, d, h, w) for the KL term.
         """
-        z_mu, z_sigma = self.posterior_x01(x01)
-        recon = self.decode_x01(z_mu + z_sigma * torch.randn_like(z_sigma))
+        z_mu, z_sigma = self.posterior_x01(x01, direction)
+        recon = self.decode_x01(z_mu + z_sigma * torch.randn_like(z_sigma), direction)
         return recon, z_mu, z_sigma
 
     @abstractmethod
-    def posterior_stacked_x01(self, x01: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample`` -> (B, 2C, d, h, w): posterior mean
-        then std on the channel axis (stacked so that tiles blend both alike), on ``self.device``."""
+    def _posterior_stacked_x01(self, x01: torch.Tensor, direction: Direction | None) -> torch.Tensor:
+        """(B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample``, one direction -> (B, 2C, d, h, w):
+        posterior mean then std on the channel axis (stacked so that tiles blend both alike), on ``self.device``."""
 
     @abstractmethod
-    def decode_x01(self, latent: torch.Tensor) -> torch.Tensor:
-        """(B, C, d, h, w) -> (B, 1, d*fd, h*fh, w*fw) in [0, 1] units, not clamped; differentiable."""
+    def _decode_x01(self, latent: torch.Tensor, direction: Direction | None) -> torch.Tensor:
+        """(B, C, d, h, w), one direction -> (B, 1, d*fd, h*fh, w*fw) in [0, 1] units, not clamped; differentiable."""
+
+    def _per_direction(self, x: torch.Tensor, direction: Directions,
+                       fn: Callable[[torch.Tensor, Direction | None], torch.Tensor]) -> torch.Tensor:
+        """``fn`` on the items of ``x`` that share a direction, reassembled in batch order."""
+        if not self.uses_direction or direction is None or not isinstance(direction[0], Sequence):
+            return fn(x, direction)  # type: ignore[arg-type]
+        keys = [tuple(round(float(v), 6) for v in d) for d in direction]  # type: ignore[union-attr]
+        if len(keys) != x.shape[0]:
+            raise ValueError(f"{len(keys)} directions for a batch of {x.shape[0]}")
+        if len(set(keys)) == 1:
+            return fn(x, keys[0])
+        order, parts = [], []
+        for key in dict.fromkeys(keys):
+            items = [i for i, k in enumerate(keys) if k == key]
+            order += items
+            parts.append(fn(x[items], key))
+        return torch.cat(parts)[torch.argsort(torch.tensor(order))]
 
     def autocast(self) -> torch.autocast:
         """fp16 autocast on CUDA, a no-op elsewhere."""
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """The context of the no-grad encode and decode: :meth:`autocast` (a codec may add to it)."""
+        return self.autocast()
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Edge-replicate (B, C, D, H, W) up to multiples of ``downsample``."""

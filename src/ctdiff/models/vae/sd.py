@@ -2,7 +2,9 @@
 
 Each (H, W) slice becomes an RGB image in [-1, 1] (the grey value on all three channels), so the latent
 of a (D, H, W) volume is (C, D, H/8, W/8): 8x in-plane, none in depth. Decoded channels are averaged
-back to grey. Slices go through the network ``slice_batch`` at a time.
+back to grey. Slices go through the network ``slice_batch`` at a time, as the series stores them (rows
+anterior to posterior, columns patient right to left: a radiological display, the way 2D images are seen);
+the slice direction plays no part, so the codec ignores the volume's ``direction``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from ctdiff.models.vae.base import LatentCodec
+from ctdiff.models.vae.base import Direction, LatentCodec
 from ctdiff.params import SdArchParams
 
 
@@ -42,14 +44,14 @@ class SdCodec(LatentCodec):
         self.downsample = (1, factor, factor)
         self.slice_batch = slice_batch
 
-    def posterior_stacked_x01(self, x01: torch.Tensor) -> torch.Tensor:
+    def _posterior_stacked_x01(self, x01: torch.Tensor, direction: Direction | None) -> torch.Tensor:
         def posterior(slices01: torch.Tensor) -> torch.Tensor:
             dist = self.module.encode(self._rgb(slices01)).latent_dist
             return torch.cat([dist.mean, dist.std], dim=1)
 
         return self._map_slices(posterior, x01)
 
-    def decode_x01(self, latent: torch.Tensor) -> torch.Tensor:
+    def _decode_x01(self, latent: torch.Tensor, direction: Direction | None) -> torch.Tensor:
         return self._map_slices(lambda z: self._grey01(self.module.decode(z).sample), latent)
 
     def _rgb(self, slices01: torch.Tensor) -> torch.Tensor:
