@@ -1,24 +1,56 @@
-"""``ctdiff <stage>``: run one pipeline stage script from the repository root (same as dvc.yaml's cmd).
+"""``ctdiff <stage>`` runs one pipeline stage; ``ctdiff predict INPUT... --out DIR`` applies the trained model
+to new scans.
 
-The stage scripts in ``stages/`` are the single implementation; this entry point only finds and runs
-them, so ``ctdiff preprocess`` and ``python stages/preprocess.py`` cannot drift apart.
+The stage scripts in ``stages/`` are the single implementation of the stages; this entry point only finds
+and runs them (from the repository root, where dvc.yaml is), so ``ctdiff preprocess`` and ``python
+stages/preprocess.py`` cannot drift apart. ``predict`` is :mod:`ctdiff.inference.predict`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from pathlib import Path
 
 STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate")
+PREDICT_HELP = """Apply the trained model to new thick series. Each INPUT is a case zip (APE-data layout: folder 1/ is
+read, 2/ ignored), a folder of DICOM files, or a NIfTI volume. Writes DIR/<name>.nii.gz (the thin series, int16
+HU), DIR/<name>/ (the same as a derived DICOM CT series) and DIR/<name>_std.nii.gz (the per-voxel spread of the
+samples, HU). The model is the workspace's (models/vae, models/checkpoints; --models for another copy), the
+params params.yaml's (evaluate.* for sampling, preprocess.* for reading), overridden by the options below."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ctdiff", description=__doc__)
-    parser.add_argument("stage", choices=STAGES)
+    parser = argparse.ArgumentParser(prog="ctdiff", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{stage,predict}")
+    for stage in STAGES:
+        commands.add_parser(stage, help=f"run the {stage} stage (stages/{stage}.py)")
+    predict = commands.add_parser("predict", help="apply the trained model to new scans", description=PREDICT_HELP)
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the outputs go")
+    predict.add_argument("--models", type=Path, default=Path("models"), metavar="DIR",
+                         help="folder holding vae/ and checkpoints/ (default: models)")
+    predict.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="FILE",
+                         help="params file (default: params.yaml)")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
+    predict.add_argument("--samples", type=int, help="decoded samples averaged (evaluate.samples)")
+    predict.add_argument("--steps", type=int, help="sampling steps (evaluate.steps)")
+    predict.add_argument("--seed", type=int, help="sampling seed (default: params seed, as evaluate)")
+    predict.add_argument("--thickness-mm", type=float, help="slice thickness of the inputs (default: DICOM "
+                         "SliceThickness, else the slice spacing; a NIfTI's z spacing)")
+    predict.add_argument("--anonymize", action="store_true", help="drop patient identifiers from the DICOM series")
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    script = Path("stages") / f"{args.stage}.py"
+    if args.command == "predict":
+        return run_predict(args)
+    return run_stage(parser, args.command)
+
+
+def run_stage(parser: argparse.ArgumentParser, stage: str) -> int:
+    script = Path("stages") / f"{stage}.py"
     if not script.is_file():
         parser.error(f"{script} not found: run ctdiff from the repository root (where dvc.yaml is)")
     sys.argv = [str(script)]
@@ -27,6 +59,40 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``ctdiff predict``: one line per problem on stderr, exit 1 when the model or any input fails."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see stages/train.py)
+    from ctdiff.device import pick_device
+    from ctdiff.inference.predict import predict_inputs
+    from ctdiff.inference.sampling import load_trained_model
+    from ctdiff.models.vae.weights import WeightsError
+    from ctdiff.params import ParamsError, load_params, params_from_dict, to_dict
+
+    try:
+        raw = to_dict(load_params(args.params))
+        overrides = {("train", "device"): args.device, ("evaluate", "samples"): args.samples,
+                     ("evaluate", "steps"): args.steps}
+        for (group, key), value in overrides.items():
+            if value is not None:
+                raw[group][key] = value
+        params = params_from_dict(raw)
+        if args.thickness_mm is not None and args.thickness_mm <= 0:
+            raise ParamsError("--thickness-mm must be > 0")
+        model = load_trained_model(params, args.models / "vae", args.models / "checkpoints",
+                                   pick_device(params.train.device))
+    except (ParamsError, WeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"predict: {exc}", file=sys.stderr)
+        return 1
+    outcomes = predict_inputs(args.inputs, args.out, model, params, params.seed if args.seed is None else args.seed,
+                              args.thickness_mm, args.anonymize, progress=not args.quiet)
+    for outcome in outcomes:
+        if outcome.error:
+            print(f"predict: {outcome.source}: {outcome.error}", file=sys.stderr)
+        else:
+            print(f"predict: {outcome.source} -> {', '.join(str(p) for p in outcome.written)}")
+    return 1 if any(o.error for o in outcomes) else 0
 
 
 if __name__ == "__main__":

@@ -229,16 +229,102 @@ def read_case(zip_path: str | Path, *, min_slices: int, allow_gaps: bool, max_me
             with SafeZip(zip_path, max_members=max_members, max_unzipped_bytes=max_unzipped_bytes) as zf:
                 members1, members2 = _series_folders(zf)
                 options = {"min_slices": min_slices, "allow_gaps": allow_gaps, "warnings": warnings}
-                series1 = _read_series(zf, members1, SERIES_FOLDERS[0], **options)
-                series2 = _read_series(zf, members2, SERIES_FOLDERS[1], **options)
+                series1, _ = _read_series(zf, members1, SERIES_FOLDERS[0], **options)
+                series2, _ = _read_series(zf, members2, SERIES_FOLDERS[1], **options)
         except UnsafeZipError as exc:
             raise CaseRejected(f"unsafe or unreadable zip: {exc}") from None
     _check_pair(series1, series2, warnings)
     return CasePair(series1, series2, warnings)
 
 
+@dataclass(eq=False)
+class ThickSeries:
+    """Series 1 of a new scan, as ``ctdiff predict`` reads it: the volume, the header of its first image (the
+    patient, study and frame-of-reference modules a derived series keeps; never logged), warnings."""
+
+    series: Series
+    header: Dataset = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_thick_series(source: str | Path, *, min_slices: int, allow_gaps: bool, max_members: int,
+                      max_unzipped_bytes: int) -> ThickSeries:
+    """Read the thick axial series of a case zip or a folder of DICOM files.
+
+    A zip or folder in the APE-data layout gives its folder ``1/`` (``2/`` is not read); anything else is
+    searched whole, and the axial image series is picked as preprocess picks it (the one with the most
+    slices; localizers, other orientations and non-image files ignored). Zips are opened as safely as in
+    preprocess (:class:`ctdiff.data.safezip.SafeZip`). Raises :class:`CaseRejected` with a one-line reason.
+    """
+    source = Path(source)
+    warnings: list[str] = []
+    with _quiet_pydicom():
+        try:
+            archive: Archive = DicomFolder(source) if source.is_dir() else SafeZip(
+                source, max_members=max_members, max_unzipped_bytes=max_unzipped_bytes)
+            with archive:
+                members, where = _thick_members(archive)
+                series, first = _read_series(archive, members, SERIES_FOLDERS[0], min_slices=min_slices,
+                                             allow_gaps=allow_gaps, warnings=warnings, where=where)
+                header = _read_header(archive, first)
+        except UnsafeZipError as exc:
+            raise CaseRejected(f"unsafe or unreadable zip: {exc}") from None
+    if header is None:  # pragma: no cover - the member was parsed a moment ago
+        raise CaseRejected("series 1: its first image can no longer be read")
+    return ThickSeries(series, header[0], warnings)
+
+
+def _thick_members(archive: Archive) -> tuple[list[Member], str]:
+    """(members of the shallowest folder named ``1``, "folder 1/"), or (all members, "the input") when there is
+    no such folder; a folder ``2/`` (the thin series) without a ``1/`` is an error."""
+    folders: set[tuple[int, str, str]] = set()  # (depth, name, prefix) of every folder named 1 or 2
+    for member in archive.members:
+        parts = member.name.split("/")[:-1]
+        for depth, part in enumerate(parts):
+            if part in SERIES_FOLDERS:
+                folders.add((depth, part, "/".join(parts[:depth + 1]) + "/"))
+    ones = [f for f in folders if f[1] == SERIES_FOLDERS[0]]
+    if ones:
+        depth = min(f[0] for f in ones)
+        shallowest = sorted(f[2] for f in ones if f[0] == depth)
+        if len(shallowest) > 1:
+            raise CaseRejected(f"the input holds {len(shallowest)} folders 1/; expected one case")
+        return [m for m in archive.members if m.name.startswith(shallowest[0])], "folder 1/"
+    if folders:
+        raise CaseRejected("missing folder 1/ (the thick series): the input has a folder 2/ only")
+    return list(archive.members), "the input"
+
+
+class DicomFolder:
+    """A folder of DICOM files read like a :class:`ctdiff.data.safezip.SafeZip` (regular files below it, by
+    relative path, in sorted order), so folders and zips go through one reader."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        paths = sorted(p for p in self.root.rglob("*") if p.is_file() and not p.is_symlink()
+                       and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        self.members = tuple(Member(p.relative_to(self.root).as_posix(), i, p.stat().st_size, None)
+                             for i, p in enumerate(paths))
+
+    def read(self, member: Member) -> bytes:
+        return (self.root / member.name).read_bytes()
+
+    def read_head(self, member: Member, n_bytes: int) -> bytes:
+        with open(self.root / member.name, "rb") as f:
+            return f.read(n_bytes)
+
+    def __enter__(self) -> DicomFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+Archive = SafeZip | DicomFolder
+
+
 # --------------------------------------------------------------------------------------- zip layout
-def _series_folders(zf: SafeZip) -> tuple[list[Member], list[Member]]:
+def _series_folders(zf: Archive) -> tuple[list[Member], list[Member]]:
     """Members under the shallowest sibling folders named ``1`` and ``2`` (at any depth, any files
     below them)."""
     labels_by_parent: dict[tuple[str, ...], set[str]] = defaultdict(set)
@@ -260,7 +346,7 @@ def _series_folders(zf: SafeZip) -> tuple[list[Member], list[Member]]:
     return members1, members2
 
 
-def _missing_folder_reason(zf: SafeZip, found: set[str]) -> str:
+def _missing_folder_reason(zf: Archive, found: set[str]) -> str:
     if not any(_looks_like_dicom(zf.read_head(m, 132)) for m in zf.members):
         return "no DICOM files in the zip"
     if found == {"1"}:
@@ -308,7 +394,7 @@ class _Image:
     padding: tuple[int, int] | None  # stored values [lo, hi] that mark padding
 
 
-def _parse_member(zf: SafeZip, member: Member) -> list[_Image | str]:
+def _parse_member(zf: Archive, member: Member) -> list[_Image | str]:
     """The member's images (one per frame), each replaced by the kind of thing it is when it is not a
     usable image."""
     header = _read_header(zf, member)
@@ -321,7 +407,7 @@ def _parse_member(zf: SafeZip, member: Member) -> list[_Image | str]:
         return ["image without geometry"]
 
 
-def _read_header(zf: SafeZip, member: Member) -> tuple[Dataset, int | None] | None:
+def _read_header(zf: Archive, member: Member) -> tuple[Dataset, int | None] | None:
     """(dataset without pixel data, file offset of the PixelData element), or None if not DICOM.
 
     The offset is ``_NO_PIXEL_DATA`` for objects without pixel data, and None where only a full
@@ -521,9 +607,12 @@ class _Stack:
         return bool(np.argmax(np.abs(self.normal)) == 2)
 
 
-def _read_series(zf: SafeZip, members: list[Member], label: str, *, min_slices: int, allow_gaps: bool,
-                 warnings: list[str]) -> Series:
+def _read_series(zf: Archive, members: list[Member], label: str, *, min_slices: int, allow_gaps: bool,
+                 warnings: list[str], where: str | None = None) -> tuple[Series, Member]:
+    """The chosen series of ``members`` (and the member of its first image); ``label`` names it in messages
+    ("series 1"), ``where`` the place it was looked for (default "folder 1/")."""
     name = f"series {label}"
+    where = where or f"folder {label}/"
     images: list[_Image] = []
     ignored: Counter[str] = Counter()
     for member in members:
@@ -535,12 +624,13 @@ def _read_series(zf: SafeZip, members: list[Member], label: str, *, min_slices: 
             else:
                 images.append(parsed)
     if not images and not (set(ignored) - {_NOT_DICOM}):
-        raise CaseRejected(f"{name}: no DICOM files in folder {label}/")
-    stack = _pick_stack(images, ignored, name, label, warnings)
-    return _assemble(zf, stack, name, min_slices=min_slices, allow_gaps=allow_gaps, warnings=warnings)
+        raise CaseRejected(f"{name}: no DICOM files in {where}")
+    stack = _pick_stack(images, ignored, name, where, warnings)
+    series = _assemble(zf, stack, name, min_slices=min_slices, allow_gaps=allow_gaps, warnings=warnings)
+    return series, min(stack, key=lambda im: float(im.ipp @ _axes(im.iop)[2])).member
 
 
-def _pick_stack(images: list[_Image], ignored: Counter[str], name: str, label: str,
+def _pick_stack(images: list[_Image], ignored: Counter[str], name: str, where: str,
                 warnings: list[str]) -> list[_Image]:
     """The axial image series with the most slices (see the module notes for what is ignored)."""
     by_uid: dict[str, list[_Image]] = defaultdict(list)
@@ -563,12 +653,12 @@ def _pick_stack(images: list[_Image], ignored: Counter[str], name: str, label: s
     if not axial:
         found = f"{len(stacks)} non-axial series" if stacks else "no image series"
         skipped = ", ".join(f"{n} {kind}(s)" for kind in _IGNORED_KINDS if (n := ignored[kind]))
-        raise CaseRejected(f"{name}: no axial CT image series in folder {label}/ (found {found}"
+        raise CaseRejected(f"{name}: no axial CT image series in {where} (found {found}"
                            f"{'; ignored ' + skipped if skipped else ''})")
     chosen = axial[0]
     if len(axial) > 1:
         sizes = ", ".join(str(len(s.images)) for s in axial)
-        warnings.append(f"{name}: folder {label}/ holds {len(axial)} axial image series ({sizes} slices); "
+        warnings.append(f"{name}: {where} holds {len(axial)} axial image series ({sizes} slices); "
                         f"using the first with the most slices")
     if chosen.n_orientations > 1:
         raise CaseRejected(f"{name}: its image series mixes {chosen.n_orientations} slice orientations "
@@ -598,7 +688,7 @@ def _axes(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------ the volume
-def _assemble(zf: SafeZip, stack: list[_Image], name: str, *, min_slices: int, allow_gaps: bool,
+def _assemble(zf: Archive, stack: list[_Image], name: str, *, min_slices: int, allow_gaps: bool,
               warnings: list[str]) -> Series:
     """Check, sort, decode and place the slices of one chosen stack."""
     first = stack[0]
@@ -647,7 +737,7 @@ def _assemble(zf: SafeZip, stack: list[_Image], name: str, *, min_slices: int, a
     return series if uniform else series.resampled_uniform()
 
 
-def _decode_stack(zf: SafeZip, stack: list[_Image], is_new: np.ndarray, hu: np.ndarray, name: str) -> int:
+def _decode_stack(zf: Archive, stack: list[_Image], is_new: np.ndarray, hu: np.ndarray, name: str) -> int:
     """Decode the sorted ``stack`` into ``hu`` (D, H, W), the first image at each position into its
     slice; returns how many later images at a position (identical copies) were dropped.
 
@@ -705,7 +795,7 @@ class _MemberPixels:
     its parsed dataset): the frames of a multi-frame object then cost one read of the zip member and
     at most one parse, and memory stays at one copy of the member plus one frame."""
 
-    def __init__(self, zf: SafeZip, name: str) -> None:
+    def __init__(self, zf: Archive, name: str) -> None:
         self._zf, self._name = zf, name
         self._member: Member | None = None
         self._data = b""

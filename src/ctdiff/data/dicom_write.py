@@ -64,6 +64,10 @@ class SeriesSpec:
     # shared PlanePositionSequence is an object without per-frame positions).
     per_frame_groups: Sequence[str] = ("PlanePositionSequence",)
     frame_order: Sequence[int] | None = None  # enhanced only: frame n holds slice frame_order[n]
+    # A derived series: elements copied onto every file last (the source's patient, study and frame of
+    # reference modules), and what was done to make it (DerivationDescription).
+    inherited: Dataset | None = None
+    derivation_description: str = ""
 
 
 def encode_series(hu: np.ndarray, spec: SeriesSpec) -> list[tuple[str, bytes]]:
@@ -201,6 +205,11 @@ def _base_dataset(spec: SeriesSpec, sop_class: str, sop_uid: str, shape: tuple[i
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0 if spec.unsigned else 1
+    if spec.derivation_description:
+        ds.DerivationDescription = spec.derivation_description
+    if spec.inherited is not None:
+        for element in spec.inherited:
+            ds[element.tag] = element
     return ds
 
 

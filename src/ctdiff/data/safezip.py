@@ -52,7 +52,7 @@ class Member:
     name: str  # normalised relative POSIX path ("case_001/1/IM0001.dcm")
     index: int  # position in the central directory, used in messages instead of the name
     declared_size: int  # uncompressed size claimed by the central directory, bytes
-    info: zipfile.ZipInfo = field(repr=False, compare=False)
+    info: zipfile.ZipInfo | None = field(repr=False, compare=False)  # None for a file of a folder
 
 
 class SafeZip:

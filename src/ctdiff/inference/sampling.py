@@ -72,7 +72,8 @@ def load_trained_model(params: Params, vae_dir: Path, ckpt_dir: Path, device: to
     """The UNet, the VAE (with its fine-tuned weights when training changed them) and the scale factor."""
     path = next((ckpt_dir / name for name in CHECKPOINTS if (ckpt_dir / name).is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (expected one of {CHECKPOINTS}): run the train stage")
+        raise FileNotFoundError(f"no trained model: no {' or '.join(CHECKPOINTS)} in {ckpt_dir}: run the train stage "
+                                f"(dvc repro)")
     ckpt = load_checkpoint(path)
     vae = VaeAdapter.load(vae_dir, params.vae, device)
     if ckpt.get("codec") not in (None, vae.name):

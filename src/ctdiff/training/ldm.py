@@ -133,6 +133,7 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
             "train_params": to_dict(tp),
             "codec": m.vae.name,
             "latent_channels": m.vae.latent_channels,
+            "geometry": training_geometry(data.train),
         }, rng)
 
     # ---- the loop
@@ -216,6 +217,18 @@ def prepare_data(processed_dir: Path) -> TrainData:
     train_cases, val_cases = split_cases(processed_dir, "train"), split_cases(processed_dir, "val")
     return TrainData(train_cases, val_cases,
                      [(c.load("source", mmap=True), c.load("target", mmap=True)) for c in train_cases])
+
+
+def training_geometry(cases: list[Case]) -> dict[str, Any]:
+    """What the model learnt from, the median over the train cases: the thin grid's spacing [sx, sy, sz] mm
+    and series 1's slice thickness and spacing mm. ``ctdiff predict`` samples onto that z spacing and warns
+    when a new thick series differs."""
+    thin = np.median([c.spacing_mm for c in cases], axis=0)
+    thickness = [c.meta["series1"].get("slice_thickness") or c.meta["series1"]["spacing"][2] for c in cases]
+    return {"thin_spacing_mm": [round(float(v), 6) for v in thin],
+            "series1_thickness_mm": round(float(np.median(thickness)), 6),
+            "series1_spacing_mm": round(float(np.median([c.meta["series1"]["spacing"][2] for c in cases])), 6),
+            "series1_pixel_mm": round(float(np.median([c.meta["series1"]["spacing"][0] for c in cases])), 6)}
 
 
 @dataclass
