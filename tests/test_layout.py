@@ -15,7 +15,8 @@ ALLOWED = {
     "training": {"data", "metrics", "models"},
     "inference": {"data", "metrics", "models"},
     "evaluation": {"data", "metrics", "models", "inference"},
-    "cli": {"data", "metrics", "models", "training", "inference", "evaluation"},
+    "presets": set(),
+    "cli": {"data", "metrics", "models", "training", "inference", "evaluation", "presets"},
 }
 
 

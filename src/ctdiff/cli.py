@@ -1,5 +1,5 @@
 """``ctdiff <stage>`` runs one pipeline stage; ``ctdiff predict INPUT... --out DIR`` applies the trained model
-to new scans.
+to new scans; ``ctdiff preset NAME`` prints a committed preset as ``dvc exp run`` overrides.
 
 The stage scripts in ``stages/`` are the single implementation of the stages; this entry point only finds
 and runs them (from the repository root, where dvc.yaml is), so ``ctdiff preprocess`` and ``python
@@ -25,7 +25,7 @@ params params.yaml's (evaluate.* for sampling, preprocess.* for reading), overri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctdiff", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{stage,predict}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{stage,predict,preset}")
     for stage in STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage (stages/{stage}.py)")
     predict = commands.add_parser("predict", help="apply the trained model to new scans", description=PREDICT_HELP)
@@ -43,10 +43,28 @@ def main(argv: list[str] | None = None) -> int:
                          "SliceThickness, else the slice spacing; a NIfTI's z spacing)")
     predict.add_argument("--anonymize", action="store_true", help="drop patient identifiers from the DICOM series")
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
+    preset = commands.add_parser("preset", help="print a committed preset as dvc exp run -S overrides",
+                                 description="Print presets/NAME.yaml as -S overrides: "
+                                             "dvc exp run $(ctdiff preset real)")
+    preset.add_argument("name", metavar="NAME")
     args = parser.parse_args(argv)
     if args.command == "predict":
         return run_predict(args)
+    if args.command == "preset":
+        return print_preset(args.name)
     return run_stage(parser, args.command)
+
+
+def print_preset(name: str) -> int:
+    from ctdiff.params import ParamsError
+    from ctdiff.presets import preset_overrides
+
+    try:
+        print(" ".join(preset_overrides(name)))
+    except (ParamsError, OSError) as exc:
+        print(f"preset: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_stage(parser: argparse.ArgumentParser, stage: str) -> int:

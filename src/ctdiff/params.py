@@ -227,7 +227,7 @@ class SdParams:
 @dataclass(frozen=True)
 class VaeParams:
     use_maisi: bool = False  # false: SD VAE per axial slice; true: MAISI 3D VAE
-    pretrained: bool = True  # false: no download, vae_fit trains the architecture from scratch (offline)
+    pretrained: bool = False  # true: download the pinned released weights; false: vae_fit trains from scratch
     hu_range: tuple[float, float] = (-1000.0, 1000.0)  # clipped and mapped to [0, 1] (SD: [-1, 1])
     latent_channels: int = 4  # MAISI and scratch architectures; pretrained SD reads it from its config
     finetune_epochs: int = 0  # pretrained: epochs of domain fine-tuning (0 = use as downloaded)

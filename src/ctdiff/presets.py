@@ -1,0 +1,71 @@
+"""Params presets: committed partial ``params.yaml`` trees under ``presets/`` (the real comparison, the
+real-size phantoms), applied with DVC's own ``-S`` overrides so an experiment records exactly what changed:
+
+    dvc exp run -n real-sd $(ctdiff preset real)
+
+:func:`preset_overrides` turns a preset into ``-S dotted.key=value`` arguments (Hydra override syntax, no
+spaces, so the shell splits them where it should); every key must exist in ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctdiff.params import ParamsError, params_from_dict
+
+PRESETS_DIR = Path("presets")
+
+
+def preset_path(name: str, presets_dir: Path = PRESETS_DIR) -> Path:
+    path = presets_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in presets_dir.glob("*.yaml")) if presets_dir.is_dir() else []
+        raise ParamsError(f"no preset {name!r} in {presets_dir}/ (known: {', '.join(known) or 'none'}): run "
+                          f"ctdiff from the repository root")
+    return path
+
+
+def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of every leaf (a value that is not a mapping) of a nested mapping."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(leaves(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def hydra_value(value: Any) -> str:
+    """A YAML value as Hydra's override grammar writes it: ``true``, ``1e-4``, ``[64,128,128]``, ``hf``."""
+    if isinstance(value, str):
+        if any(c in value for c in " ,[]{}'\"=") or value.lower() in ("true", "false", "null"):
+            raise ParamsError(f"preset value {value!r} needs quoting, which a shell substitution cannot carry")
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def preset_overrides(name: str, params_file: Path = Path("params.yaml"), presets_dir: Path = PRESETS_DIR
+                     ) -> list[str]:
+    """``["-S", "data.source=hf", ...]`` for preset ``name``, checked against ``params_file``: every key
+    exists there, and the merged params are valid."""
+    preset = yaml.safe_load(preset_path(name, presets_dir).read_text()) or {}
+    base = yaml.safe_load(params_file.read_text()) or {}
+    merged = json.loads(json.dumps(base))
+    for dotted, value in leaves(preset).items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise ParamsError(f"preset {name}: {dotted} is not a key of {params_file}")
+            node = node[key]
+        if leaf not in node:
+            raise ParamsError(f"preset {name}: {dotted} is not a key of {params_file}")
+        node[leaf] = value
+    params_from_dict(merged)  # the preset must give valid params (names the bad key otherwise)
+    return [arg for dotted, value in leaves(preset).items() for arg in ("-S", f"{dotted}={hydra_value(value)}")]
