@@ -17,7 +17,16 @@ ArrayLike = np.ndarray | torch.Tensor
 def to_x01(hu: ArrayLike, hu_range: Sequence[float]) -> torch.Tensor:
     """HU (any shape) -> float32 tensor in [0, 1] over ``hu_range`` (clipped)."""
     low, high = float(hu_range[0]), float(hu_range[1])
-    return ((torch.as_tensor(hu).float() - low) / (high - low)).clamp(0.0, 1.0)
+    return ((as_tensor(hu).float() - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def as_tensor(x: ArrayLike) -> torch.Tensor:
+    """A tensor sharing ``x``'s memory where torch can; a read-only (memory-mapped) array is copied as float32,
+    which torch cannot view safely."""
+    if isinstance(x, torch.Tensor):
+        return x
+    array = np.asarray(x)
+    return torch.from_numpy(array if array.flags.writeable else array.astype(np.float32))
 
 
 def to_hu(x01: torch.Tensor, hu_range: Sequence[float]) -> torch.Tensor:

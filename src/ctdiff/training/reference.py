@@ -64,26 +64,32 @@ class ReferenceCase:
 
     @classmethod
     def load(cls, case: Case, profile: str) -> ReferenceCase:
+        """The input computed (float32, in memory), the truth memory-mapped: patches read only what they cut."""
         input_hu, operator, measured = reference_input(case, profile)
-        return cls(case.case_id, input_hu, case.load("target"), operator, measured)
+        return cls(case.case_id, input_hu, case.load("target", mmap=True), operator, measured)
 
 
 class PatchPairs:
-    """Training volumes as (1, D, H, W) [0, 1] tensors (input, target), edge-padded to at least one patch,
-    and random patch pairs cut at one place from both.
+    """Random (input, target) patch pairs cut at one place from the training volumes, as (1, D, H, W) [0, 1]
+    tensors; volumes smaller than a patch are edge-padded first (MONAI ``SpatialPadd`` over both keys).
 
-    MONAI's dictionary transforms pad and cut both keys alike (``SpatialPadd``, ``SpatialCropd``); the case
-    and the corner of each patch come from the loop's seeded numpy ``rng``, whose state every checkpoint
-    holds, so a resumed run cuts the patches an uninterrupted one would.
+    The volumes stay as they are (the input in HU, the truth memory-mapped int16) and only the cut patches
+    are mapped to [0, 1], so a real-size case costs no whole-volume copy. MONAI's ``SpatialCropd`` cuts both
+    keys alike; the case and the corner of each patch come from the loop's seeded numpy ``rng``, whose state
+    every checkpoint holds, so a resumed run cuts the patches an uninterrupted one would.
     """
 
     KEYS = ("input", "target")
 
     def __init__(self, cases: list[ReferenceCase], patch: tuple[int, int, int], hu_range: tuple[float, float]) -> None:
+        self.patch, self.hu_range = patch, hu_range
         pad = SpatialPadd(keys=self.KEYS, spatial_size=patch, mode="replicate")
-        self.patch = patch
-        self.pairs = [pad({"input": to_x01(c.input_hu, hu_range)[None], "target": to_x01(c.truth_hu, hu_range)[None]})
-                      for c in cases]
+        self.pairs = []
+        for c in cases:
+            pair = {"input": c.input_hu[None], "target": c.truth_hu[None]}
+            if any(s < p for s, p in zip(c.truth_hu.shape, patch)):
+                pair = pad({k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in pair.items()})
+            self.pairs.append(pair)
 
     def batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target) patches (B, 1, D, H, W) of random cases at random corners (drawn from ``rng``)."""
@@ -92,9 +98,9 @@ class PatchPairs:
             pair = self.pairs[int(i)]
             corner = [int(rng.integers(0, s - p + 1)) for s, p in zip(pair["input"].shape[1:], self.patch)]
             cut = SpatialCropd(keys=self.KEYS, roi_start=corner, roi_end=[c + p for c, p in zip(corner, self.patch)])
-            patch = cut(pair)
-            inputs.append(patch["input"])
-            targets.append(patch["target"])
+            patch = cut(pair)  # views into the (memory-mapped) arrays: only the patch is read
+            inputs.append(to_x01(patch["input"], self.hu_range))
+            targets.append(to_x01(patch["target"], self.hu_range))
         return torch.stack(inputs), torch.stack(targets)
 
 
