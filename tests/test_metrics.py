@@ -3,10 +3,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from monai.metrics import MAEMetric, PSNRMetric
+from monai.metrics.regression import compute_ssim_and_cs
+from monai.transforms.utils_morphological_ops import dilate, erode
 
+from ctdiff.data.intensity import to_hu
+from ctdiff.metrics import image
 from ctdiff.metrics.image import (
     METRIC_NAMES,
     PSNR_CAP_DB,
+    TruthScorer,
     body_mask,
     mean_metrics,
     reconstruction_metrics,
@@ -102,3 +108,114 @@ def test_mean_metrics_skips_nan():
     cases[1]["psnr_body"] = math.nan
     means = mean_metrics(cases)
     assert means["psnr"] == 2.0 and means["psnr_body"] == 1.0
+
+
+# ---------------------------------------------------------------- slab-wise scoring vs the whole volume
+
+
+def _whole_volume_metrics(pred_hu, truth_hu, hu_range):
+    """The whole-volume computation reconstruction_metrics did before it worked in slabs (MONAI throughout)."""
+    pred01, truth01 = to_x01(pred_hu, hu_range), to_x01(truth_hu, hu_range)
+    pred_clipped, truth_clipped = to_hu(pred01, hu_range), to_hu(truth01, hu_range)
+    raw = (torch.as_tensor(truth_hu).float() > -500.0).float()[None, None]
+    mask = erode(dilate(raw, 3), 3)[0, 0] > 0.5
+    window = [min(11, s if s % 2 else s - 1) for s in truth01.shape]
+    ssim_map = compute_ssim_and_cs(pred01[None, None], truth01[None, None], spatial_dims=3, kernel_size=window,
+                                   kernel_sigma=[1.5] * 3, data_range=1.0)[0][0, 0]
+    d, h, w = (k // 2 for k in window)
+    centres = mask[d:mask.shape[0] - d, h:mask.shape[1] - h, w:mask.shape[2] - w]
+
+    def psnr_of(p, t):
+        if p.numel() == 0:
+            return math.nan
+        return min(float(PSNRMetric(max_val=1.0)(p.reshape(1, 1, -1), t.reshape(1, 1, -1)).item()), PSNR_CAP_DB)
+
+    def mae_of(p, t):
+        return float(MAEMetric()(p.reshape(1, 1, -1), t.reshape(1, 1, -1)).item()) if p.numel() else math.nan
+
+    body = ssim_map[centres]
+    return {
+        "psnr": psnr_of(pred01, truth01),
+        "ssim": float(ssim_map.mean()),
+        "mae_hu": mae_of(pred_clipped, truth_clipped),
+        "psnr_body": psnr_of(pred01[mask], truth01[mask]),
+        "ssim_body": float(body.mean()) if body.numel() else math.nan,
+        "mae_hu_body": mae_of(pred_clipped[mask], truth_clipped[mask]),
+    }, mask
+
+
+def _smooth_volume(shape, seed):
+    """Smoothed noise in HU: a body (> -500 HU) of irregular blobs with air around, some of it beyond the
+    [-1000, 1000] range (clipped before scoring)."""
+    noise = torch.from_numpy(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+    kernel = [min(5, n if n % 2 else n - 1) for n in shape]
+    smooth = torch.nn.functional.avg_pool3d(noise[None, None], kernel, stride=1, padding=[k // 2 for k in kernel])
+    smooth = smooth[0, 0] / smooth.std()
+    return (-350.0 + 700.0 * smooth).numpy()
+
+
+def _assert_close(got, want):
+    assert list(got) == list(METRIC_NAMES) == list(want)
+    for name in METRIC_NAMES:
+        if math.isnan(want[name]):
+            assert math.isnan(got[name]), name
+        else:
+            tol = 1e-3 if name.startswith("mae_hu") else 1e-5  # HU; dB and SSIM
+            assert got[name] == pytest.approx(want[name], abs=tol), name
+
+
+def test_slab_wise_scorer_matches_the_whole_volume_computation(monkeypatch):
+    monkeypatch.setattr(image, "BODY_SLAB_DEPTH", 7)  # the body mask's closing in 6 slabs too
+    truth = _smooth_volume((40, 48, 48), seed=1)
+    rng = np.random.default_rng(2)
+    preds = [truth + rng.normal(0.0, 60.0, truth.shape).astype(np.float32),
+             truth + 150.0 * np.sin(np.arange(48, dtype=np.float32) / 3.0),  # broadcast over (D, H, W)
+             _smooth_volume(truth.shape, seed=3)]
+    scorer = TruthScorer(truth, HU_RANGE, ssim_slab_depth=8)  # 30 centre rows: 4 slabs (8, 8, 8, 6)
+    assert len(range(0, truth.shape[0] - 10, scorer.ssim_slab_depth)) >= 3
+    for pred in preds:
+        want, mask = _whole_volume_metrics(pred, truth, HU_RANGE)
+        assert 0.1 < mask.float().mean() < 0.9  # a body with edges inside the volume
+        assert torch.equal(scorer.mask, mask)
+        _assert_close(scorer.score(pred), want)
+        _assert_close(reconstruction_metrics(pred, truth, HU_RANGE), want)  # the default slab depth: 2 slabs
+    # One scorer, many predictions: nothing of one prediction leaks into the next.
+    assert scorer.score(truth)["psnr"] == PSNR_CAP_DB and scorer.score(truth)["mae_hu"] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(5, 24, 24), (3, 7, 9), (12, 10, 13), (11, 4, 30), (14, 3, 3)])
+@pytest.mark.parametrize("slab_depth", [1, 2, 16])
+def test_small_and_odd_shapes_match_the_whole_volume_computation(shape, slab_depth):
+    """Axes shorter than the window shrink it; slabs of one or two centre rows still add up to the whole."""
+    truth = _smooth_volume(shape, seed=4)
+    pred = truth + np.random.default_rng(5).normal(0.0, 80.0, shape).astype(np.float32)
+    want, _ = _whole_volume_metrics(pred, truth, HU_RANGE)
+    _assert_close(TruthScorer(truth, HU_RANGE, ssim_slab_depth=slab_depth).score(pred), want)
+
+
+def test_an_empty_body_gives_nan_body_metrics():
+    truth = np.full((12, 12, 12), -1000.0, np.float32)
+    values = TruthScorer(truth, HU_RANGE, ssim_slab_depth=1).score(truth + 10.0)
+    want, _ = _whole_volume_metrics(truth + 10.0, truth, HU_RANGE)
+    _assert_close(values, want)
+    assert all(math.isnan(values[n]) for n in ("psnr_body", "ssim_body", "mae_hu_body"))
+
+
+def test_scorer_rejects_bad_shapes():
+    scorer = TruthScorer(np.zeros((12, 12, 12), np.float32), HU_RANGE)
+    with pytest.raises(ValueError, match="truth's shape"):
+        scorer.score(np.zeros((12, 12, 11), np.float32))
+    with pytest.raises(ValueError, match="one shape"):
+        reconstruction_metrics(np.zeros((12, 12, 11)), np.zeros((12, 12, 12)), HU_RANGE)
+    with pytest.raises(ValueError, match="D, H, W"):
+        TruthScorer(np.zeros((12, 12)), HU_RANGE)
+
+
+def test_body_mask_in_slabs_equals_the_whole_volume_closing(monkeypatch):
+    hu = _smooth_volume((23, 20, 20), seed=6)
+    raw = (torch.as_tensor(hu) > -500.0).float()[None, None]
+    for closing in (3, 5):
+        whole = erode(dilate(raw, closing), closing)[0, 0] > 0.5
+        for depth in (1, 4, 50):
+            monkeypatch.setattr(image, "BODY_SLAB_DEPTH", depth)
+            assert torch.equal(body_mask(hu, closing_voxels=closing), whole)

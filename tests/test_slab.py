@@ -94,6 +94,37 @@ def test_bad_shapes_are_errors():
         op.project(np.zeros((10, 2, 2)), np.zeros((3, 2, 2)))
 
 
+@pytest.mark.parametrize("profile, spacing_mm, thickness_mm", [("box", 5.0, 5.0), ("gaussian", 2.5, 5.0),
+                                                               ("triangle", 4.0, 1.0)])
+def test_row_blocks_match_the_whole_volume(monkeypatch, profile, spacing_mm, thickness_mm):
+    """forward and project in blocks of rows (axis 1) give what one whole-volume float64 pass gave."""
+    from ctdiff.data import slab
+
+    op = SlabOperator.from_geometry(np.arange(40) * 1.0, 1.0, np.arange(3.0, 37.0, spacing_mm), thickness_mm,
+                                    profile=profile)
+    prediction, truth = random_volume((40, 11, 6), 1), random_volume((40, 11, 6), 2)
+    measured = op.forward(truth)
+    # The whole-volume computation as it was before the blocks.
+    thin64 = prediction.astype(np.float64)
+    whole_forward = np.tensordot(op.weights, thin64, axes=(1, 0)).astype(np.float32)
+    residual = measured.astype(np.float64) - np.tensordot(op.weights, thin64, axes=(1, 0))
+    whole_project = (thin64 + np.tensordot(np.linalg.pinv(op.weights), residual, axes=(1, 0))).astype(np.float32)
+    np.testing.assert_allclose(op.forward(prediction, block_rows=11), whole_forward, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(op.project(prediction, measured, block_rows=11), whole_project, rtol=0, atol=1e-4)
+    for rows in (1, 3, 4):  # 11 rows: blocks of one, uneven blocks
+        np.testing.assert_allclose(op.forward(prediction, block_rows=rows), whole_forward, rtol=0, atol=1e-4)
+        projected = op.project(prediction, measured, block_rows=rows)
+        assert projected.dtype == np.float32 and projected.shape == prediction.shape
+        np.testing.assert_allclose(projected, whole_project, rtol=0, atol=1e-4)
+    monkeypatch.setattr(slab, "BLOCK_BYTES", 2 * 8 * 40 * 6)  # the default block: two rows
+    assert SlabOperator._blocks(prediction.shape, None)[:2] == [slice(0, 2), slice(2, 4)]
+    np.testing.assert_allclose(op.project(prediction, measured), whole_project, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(op.forward(prediction.astype(np.int16)), op.forward(prediction.astype(np.int16),
+                                                                                   block_rows=11), atol=1e-4)
+    assert op.pseudo_inverse is op.pseudo_inverse  # computed once per operator
+    np.testing.assert_array_equal(op.pseudo_inverse, np.linalg.pinv(op.weights))
+
+
 def _slab_average_case(path: Path, thin_hu: np.ndarray, n: int, stride: int, origin_z: float = -180.0) -> None:
     """A zip whose series 1 is exactly the mean of ``n`` thin slices every ``stride`` slices (noise-free)."""
     starts = range(0, thin_hu.shape[0] - n + 1, stride)

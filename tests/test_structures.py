@@ -5,6 +5,7 @@ import pytest
 
 from ctdiff.data.phantom import TISSUE_CLASSES, Tissue
 from ctdiff.metrics.cases import paired_gains, score, summarise
+from ctdiff.metrics.image import TruthScorer
 from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS, StructureTruth, within_mm
 
 LUMEN_HU, EMBOLUS_HU, LUNG_HU = 300.0, 50.0, -850.0
@@ -98,7 +99,8 @@ def test_an_ape_case_whose_emboli_left_the_grid_has_neither_finding():
 
 
 def scores(rungs, truth, structures=None):
-    return {name: score(volume, truth, (-1000.0, 1000.0), structures) for name, volume in rungs.items()}
+    scorer = TruthScorer(truth, (-1000.0, 1000.0))
+    return {name: score(volume, scorer, structures) for name, volume in rungs.items()}
 
 
 def test_rungs_are_scored_and_summarised_over_the_cases_that_have_each_metric():
@@ -121,3 +123,41 @@ def test_rungs_are_scored_and_summarised_over_the_cases_that_have_each_metric():
     unlabelled = [per_case[2]]
     assert CONSPICUITY not in summarise(unlabelled)["model"]
     assert set(paired_gains(unlabelled, "model", "baseline", seed=0)) == {"psnr_body", "mae_hu_body"}
+
+
+def _float64_metrics(case, labels, truth, pred):
+    """What StructureTruth.metrics computed before it kept float32: everything on whole float64 volumes."""
+    t, p = truth.astype(np.float64), pred.astype(np.float64)
+    out = {f"mae_hu_{s}": float(np.abs(p[m] - t[m]).mean()) for s, m in case.masks.items()}
+    if case.ring is not None and case.truth_contrast is not None:
+        clot = labels == Tissue.EMBOLUS
+        truth_contrast = t[case.ring].mean() - t[clot].mean()
+        out[CONSPICUITY] = float((p[case.ring].mean() - p[clot].mean()) / truth_contrast)
+    if case.check_false_defects:
+        lumen = labels == Tissue.ARTERY
+        out[FALSE_DEFECTS] = float((p[lumen] < case.defect_hu).mean() - (t[lumen] < case.defect_hu).mean())
+    return out
+
+
+@pytest.mark.parametrize("embolus, category", [(True, "APE"), (False, "non-APE")])
+def test_float32_truth_in_slabs_matches_the_float64_computation(monkeypatch, embolus, category):
+    import tracemalloc
+
+    from ctdiff.metrics import structures
+
+    monkeypatch.setattr(structures, "SELECT_VOXELS", 300)  # one 16 x 16 slice per step: 24 steps
+    labels, truth = vessel_case(embolus)
+    rng = np.random.default_rng(0)
+    truth = truth + rng.normal(0.0, 30.0, truth.shape).astype(np.float32)
+    pred = truth + rng.normal(-20.0, 60.0, truth.shape).astype(np.float32)
+    case = build(labels, truth, category)
+    assert case.truth_hu.dtype == np.float32
+    want = _float64_metrics(case, labels, truth, pred)
+    tracemalloc.start()
+    got = case.metrics(pred)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < pred.size * 8 / 2  # less than half of one whole-volume float64 copy (the old code made one)
+    assert set(got) == set(want) and (CONSPICUITY in got) == embolus and (FALSE_DEFECTS in got) != embolus
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-9), name

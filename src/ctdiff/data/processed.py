@@ -75,11 +75,12 @@ class Case:
 
     # ----------------------------------------------------------------------------------------- arrays
     def load(self, which: Volume, mmap: bool = False) -> np.ndarray:
-        """(D, H, W) int16 HU (``labels``: uint8 class ids); ``mmap`` reads lazily."""
+        """(D, H, W) int16 HU (``labels``: uint8 class ids); ``mmap`` reads lazily (copy-on-write: torch can view
+        it, and nothing ever writes back to the file)."""
         path = self.folder / f"{which}.npy"
         if not path.is_file():
             raise DataError(f"{self.case_id}: {path} not found: rerun the preprocess stage (dvc repro preprocess)")
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
 
     def fingerprint(self) -> str:
         """Identity of the case: its meta.json (which carries preprocess's own fingerprint) and tensor sizes.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -40,6 +41,7 @@ from ctdiff.data.grid import Grid, resample
 Profile = Literal["box", "triangle", "gaussian"]
 PROFILES: tuple[str, ...] = ("box", "triangle", "gaussian")
 MIN_COVERAGE = 0.95  # a slab with less of its profile inside the grid is not used as a constraint
+BLOCK_BYTES = 32 << 20  # forward / project work on blocks of rows (axis 1) of about this many float64 bytes
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
@@ -105,22 +107,48 @@ class SlabOperator:
         """(D,) bool: thin slices that at least one kept slab sees."""
         return self.weights.sum(axis=0) > 0
 
-    def forward(self, thin: np.ndarray) -> np.ndarray:
-        """``A``: (D, H, W) thin volume -> (S, H, W) float32, what series 1 would measure (noise-free)."""
-        self._check_depth(thin)
-        return np.tensordot(self.weights, np.asarray(thin, dtype=np.float64), axes=(1, 0)).astype(np.float32)
+    @cached_property
+    def pseudo_inverse(self) -> np.ndarray:
+        """(D, S) ``W^+``, computed once per operator."""
+        return np.linalg.pinv(self.weights)
 
-    def project(self, thin: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    def forward(self, thin: np.ndarray, block_rows: int | None = None) -> np.ndarray:
+        """``A``: (D, H, W) thin volume -> (S, H, W) float32, what series 1 would measure (noise-free).
+
+        In float64 on blocks of ``block_rows`` rows (default: about ``BLOCK_BYTES`` per block)."""
+        self._check_depth(thin)
+        out = np.empty((self.n_slabs, *thin.shape[1:]), np.float32)
+        for rows in self._blocks(thin.shape, block_rows):
+            out[:, rows] = np.tensordot(self.weights, np.asarray(thin[:, rows], dtype=np.float64), axes=(1, 0))
+        return out
+
+    def project(self, thin: np.ndarray, measured: np.ndarray, block_rows: int | None = None) -> np.ndarray:
         """``P' = P + W^+ (m - A P)``: (D, H, W) prediction and (S, H, W) measurements -> (D, H, W) float32
-        with ``forward(P') == measured`` (to float precision) when the slabs are independent."""
+        with ``forward(P') == measured`` (to float precision) when the slabs are independent.
+
+        In float64 on blocks of ``block_rows`` rows (default: about ``BLOCK_BYTES`` per block): the rows are
+        independent, so no temporary is larger than a block."""
         self._check_depth(thin)
         if measured.shape != (self.n_slabs, *thin.shape[1:]):
             raise ValueError(f"measurements of shape {measured.shape} do not fit {self.n_slabs} slabs of "
                              f"{thin.shape[1:]}")
-        thin64 = np.asarray(thin, dtype=np.float64)
-        residual = np.asarray(measured, dtype=np.float64) - np.tensordot(self.weights, thin64, axes=(1, 0))
-        correction = np.tensordot(np.linalg.pinv(self.weights), residual, axes=(1, 0))
-        return (thin64 + correction).astype(np.float32)
+        out = np.empty(thin.shape, np.float32)
+        for rows in self._blocks(thin.shape, block_rows):
+            block = np.array(thin[:, rows], dtype=np.float64)  # a copy: updated in place below
+            residual = np.asarray(measured[:, rows], dtype=np.float64) - np.tensordot(self.weights, block,
+                                                                                       axes=(1, 0))
+            block += np.tensordot(self.pseudo_inverse, residual, axes=(1, 0))
+            out[:, rows] = block
+        return out
+
+    @staticmethod
+    def _blocks(shape: tuple[int, ...], block_rows: int | None) -> list[slice]:
+        """Slices of axis 1 (rows) of a (D, H, W) volume: ``block_rows`` rows each, or about ``BLOCK_BYTES``."""
+        depth, height, width = shape
+        if block_rows is None:
+            block_rows = BLOCK_BYTES // max(1, 8 * depth * width)
+        block_rows = max(1, int(block_rows))
+        return [slice(start, min(height, start + block_rows)) for start in range(0, height, block_rows)]
 
     def measurements(self, series1_hu: np.ndarray, series1_grid: Grid, grid: Grid) -> np.ndarray:
         """Series 1 as acquired, (S1, H1, W1) HU on its own grid -> (S, H, W) float32 HU: the kept slabs

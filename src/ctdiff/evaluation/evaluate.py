@@ -32,6 +32,7 @@ from ctdiff.evaluation.rungs import PREDICTION, Ladder, LadderInputs
 from ctdiff.inference.sampling import TrainedModel, decoded_change, load_trained_model, sample_thin, vae_round_trip
 from ctdiff.io import atomic_dir, atomic_live
 from ctdiff.metrics.cases import score
+from ctdiff.metrics.image import TruthScorer
 from ctdiff.metrics.structures import StructureTruth
 from ctdiff.metrics.uncertainty import uncertainty_metrics
 from ctdiff.models.reference import load_reference, predict_reference
@@ -88,6 +89,7 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
                preds: Path | None) -> CaseResult:
     """Score every rung against the truth, keep the panel's planes, write the prediction's NIfTI to ``preds``."""
     truth = case.load("target")
+    scorer = TruthScorer(truth, params.vae.hu_range)  # the truth's [0, 1] copy and body mask, once per case
     structures = case_structures(case, truth, params)
     through = embolus_plane(structures) or (truth.shape[0] // 2, truth.shape[1] // 2)
     result = CaseResult(case.case_id, case.category, case.spacing_mm, seconds, slabs, through,
@@ -95,14 +97,15 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
                         series1=cut_planes(resample(case.load("series1"), case.series1_grid, case.grid, "nearest"),
                                            through))  # thick slabs as acquired
     for rung, volume in ladder:
-        result.scores[rung.name] = score(volume, truth, params.vae.hu_range, structures)
+        result.scores[rung.name] = score(volume, scorer, structures)
         if rung.column is not None:
             result.planes[rung.column] = cut_planes(volume, through)
         if rung.name == PREDICTION:
             result.error = cut_planes(np.abs(volume - truth.astype(np.float32)), through)
             spread = ladder.inputs.model_spread
             if spread is not None:  # several draws: how well their spread ranks and covers the error
-                result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.vae.hu_range))
+                result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.vae.hu_range,
+                                                                    scorer.mask.numpy()))
                 result.spread = cut_planes(spread, through)
             if preds is not None:
                 sitk.WriteImage(image_from_array(to_int16_hu(volume), case.grid), str(preds / f"{case.case_id}.nii.gz"),

@@ -14,18 +14,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ctdiff.metrics.image import METRIC_NAMES, mean_metrics, reconstruction_metrics
+from ctdiff.metrics.image import METRIC_NAMES, TruthScorer, mean_metrics
 from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS, STRUCTURE_METRICS, StructureTruth
 
 BOOTSTRAP_RESAMPLES = 10_000
 PAIRED_METRICS = ("psnr_body", "mae_hu_body", CONSPICUITY, FALSE_DEFECTS)  # the gains a reader looks for first
 
 
-def score(pred_hu: np.ndarray, truth_hu: np.ndarray, hu_range: Sequence[float],
-          structures: StructureTruth | None = None) -> dict[str, float]:
-    """Every metric of one (D, H, W) HU prediction against the (D, H, W) HU truth: :data:`METRIC_NAMES`, and
-    with ``structures`` (a case with labels) the structure metrics that case has."""
-    scores = reconstruction_metrics(pred_hu, truth_hu, hu_range)
+def score(pred_hu: np.ndarray, truth: TruthScorer, structures: StructureTruth | None = None) -> dict[str, float]:
+    """Every metric of one (D, H, W) HU prediction against the case's truth (one :class:`TruthScorer` per case
+    for all its predictions): :data:`METRIC_NAMES`, and with ``structures`` (a case with labels) the
+    structure metrics that case has."""
+    scores = truth.score(pred_hu)
     if structures is not None:
         scores.update(structures.metrics(pred_hu))
     return scores

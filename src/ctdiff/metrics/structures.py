@@ -23,7 +23,8 @@ zero). The truth is series 2 as acquired (``target.npy``): its noise averages ou
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +44,14 @@ CONSPICUITY = "embolus_conspicuity"
 FALSE_DEFECTS = "false_defect_fraction"
 STRUCTURE_METRICS = (*(f"mae_hu_{name}" for name in STRUCTURES), CONSPICUITY, FALSE_DEFECTS)
 MIN_CONTRAST_HU = 20.0  # a truth contrast below this (an embolus the truth barely shows) has no conspicuity
+SELECT_VOXELS = 1 << 22  # voxels per step of a masked mean (whole slices; 32 MiB as float64)
 
 
 @dataclass(frozen=True)
 class StructureTruth:
     """What one case's labels and truth fix, computed once and applied to every rung."""
 
-    truth_hu: np.ndarray  # (D, H, W) float64
+    truth_hu: np.ndarray  # (D, H, W) float32 (the caller's array when it is float32 already)
     masks: dict[str, np.ndarray]  # structure -> (D, H, W) bool, only structures with voxels
     ring: np.ndarray | None  # patent lumen around the emboli (bool), None without emboli or ring
     defect_hu: float
@@ -72,36 +74,60 @@ class StructureTruth:
             mask = np.isin(labels, ids) if ids else np.zeros(labels.shape, bool)
             if mask.any():
                 masks[structure] = mask
-        truth = np.asarray(truth_hu, np.float64)
+        truth = np.asarray(truth_hu, np.float32)  # means below in float64 over the selected voxels only
         ring, contrast = None, None
         if EMBOLUS in masks and ARTERY in masks:
             near = within_mm(masks[EMBOLUS], spacing_mm, lumen_ring_mm)
             ring = near & masks[ARTERY]
             if ring.any():
-                contrast = float(truth[ring].mean() - truth[masks[EMBOLUS]].mean())
+                contrast = _mean(truth, ring) - _mean(truth, masks[EMBOLUS])
                 if contrast < MIN_CONTRAST_HU:
                     contrast = None
             else:
                 ring = None
         check = EMBOLUS not in masks and ARTERY in masks and category != APE_CATEGORY
-        fraction = float((truth[masks[ARTERY]] < defect_hu).mean()) if check else None
+        fraction = _fraction_below(truth, masks[ARTERY], defect_hu) if check else None
         return cls(truth, masks, ring, float(defect_hu), check, contrast, fraction)
 
     def metrics(self, pred_hu: np.ndarray) -> dict[str, float]:
         """``mae_hu_<structure>``, ``embolus_conspicuity`` and ``false_defect_fraction`` where the case has
-        them, for one (D, H, W) HU prediction on the labels' grid."""
-        pred = np.asarray(pred_hu, np.float64)
+        them, for one (D, H, W) HU prediction on the labels' grid.
+
+        Only the voxels of each mask are taken (as float64), never a converted copy of the whole volume.
+        """
+        pred = np.asarray(pred_hu)
         if pred.shape != self.truth_hu.shape:
             raise ValueError(f"prediction {pred.shape} and truth {self.truth_hu.shape} are not on one grid")
         out: dict[str, float] = {}
         for structure, mask in self.masks.items():
-            out[f"mae_hu_{structure}"] = float(np.abs(pred[mask] - self.truth_hu[mask]).mean())
+            total = sum(float(np.abs(p - t).sum()) for p, t in _selected(mask, pred, self.truth_hu))
+            out[f"mae_hu_{structure}"] = total / int(np.count_nonzero(mask))
         if self.truth_contrast is not None and self.ring is not None:
-            contrast = pred[self.ring].mean() - pred[self.masks[EMBOLUS]].mean()
+            contrast = _mean(pred, self.ring) - _mean(pred, self.masks[EMBOLUS])
             out[CONSPICUITY] = float(contrast / self.truth_contrast)
         if self.check_false_defects and self.truth_defect_fraction is not None:
-            out[FALSE_DEFECTS] = float((pred[self.masks[ARTERY]] < self.defect_hu).mean() - self.truth_defect_fraction)
+            out[FALSE_DEFECTS] = _fraction_below(pred, self.masks[ARTERY], self.defect_hu) - self.truth_defect_fraction
         return out
+
+
+def _selected(mask: np.ndarray, *volumes: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """The voxels of each of ``volumes`` inside ``mask``, as float64, a slab of slices (axis 0) at a time:
+    no temporary is larger than ``SELECT_VOXELS`` float64 values."""
+    per_slab = max(1, SELECT_VOXELS // max(1, math.prod(mask.shape[1:])))
+    for start in range(0, mask.shape[0], per_slab):
+        inside = mask[start:start + per_slab]
+        yield tuple(v[start:start + per_slab][inside].astype(np.float64, copy=False) for v in volumes)
+
+
+def _mean(volume: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of ``volume`` over ``mask``, in float64 (only the selected voxels are converted)."""
+    return sum(float(v.sum()) for (v,) in _selected(mask, volume)) / int(np.count_nonzero(mask))
+
+
+def _fraction_below(volume: np.ndarray, mask: np.ndarray, threshold: float) -> float:
+    """Fraction of ``mask``'s voxels of ``volume`` below ``threshold``, compared in float64."""
+    below = sum(int(np.count_nonzero(v < threshold)) for (v,) in _selected(mask, volume))
+    return below / int(np.count_nonzero(mask))
 
 
 def within_mm(mask: np.ndarray, spacing_mm: Sequence[float], distance_mm: float) -> np.ndarray:

@@ -23,10 +23,11 @@ UNCERTAINTY_METRICS = ("uncertainty_spearman", "uncertainty_coverage_2sd")
 
 
 def uncertainty_metrics(mean_hu: np.ndarray, spread_hu: np.ndarray, truth_hu: np.ndarray,
-                        hu_range: Sequence[float]) -> dict[str, float]:
-    """Both metrics for one case: (D, H, W) mean prediction, its per-voxel spread (HU) and the truth (HU)."""
+                        hu_range: Sequence[float], mask: np.ndarray | None = None) -> dict[str, float]:
+    """Both metrics for one case: (D, H, W) mean prediction, its per-voxel spread (HU) and the truth (HU);
+    ``mask``: the truth's body mask when the caller has it."""
     low, high = float(hu_range[0]), float(hu_range[1])
-    mask = body_mask(truth_hu).numpy()
+    mask = body_mask(truth_hu).numpy() if mask is None else np.asarray(mask)
     if not mask.any():
         return {name: float("nan") for name in UNCERTAINTY_METRICS}
     error = np.abs(np.clip(np.asarray(mean_hu, np.float32)[mask], low, high)

@@ -31,7 +31,7 @@ from ctdiff.data.intensity import to_x01
 from ctdiff.data.processed import Case, split_cases
 from ctdiff.data.slab import SlabOperator
 from ctdiff.device import pick_device
-from ctdiff.metrics.image import mean_metrics, reconstruction_metrics
+from ctdiff.metrics.image import TruthScorer, body_mask, mean_abs01, mean_metrics
 from ctdiff.models.reference import build_reference_net, net_contract, predict_reference, reference_input
 from ctdiff.params import Params, to_dict
 from ctdiff.training.scaffold import (
@@ -61,12 +61,17 @@ class ReferenceCase:
     truth_hu: np.ndarray  # int16
     operator: SlabOperator
     measured: np.ndarray  # (S, H, W) float32: series 1's slabs on the common grid
+    body: torch.Tensor  # (D, H, W) bool: the truth's body mask (kept: it is most of a scorer's cost)
+
+    def scorer(self, hu_range: tuple[float, float]) -> TruthScorer:
+        return TruthScorer(self.truth_hu, hu_range, mask=self.body)
 
     @classmethod
     def load(cls, case: Case, profile: str) -> ReferenceCase:
         """The input computed (float32, in memory), the truth memory-mapped: patches read only what they cut."""
         input_hu, operator, measured = reference_input(case, profile)
-        return cls(case.case_id, input_hu, case.load("target", mmap=True), operator, measured)
+        truth = case.load("target", mmap=True)
+        return cls(case.case_id, input_hu, truth, operator, measured, body_mask(truth))
 
 
 class PatchPairs:
@@ -114,12 +119,13 @@ def validate(net: nn.Module, params: Params, cases: list[ReferenceCase]) -> dict
     net.eval()
     per_case, l1, l1_raw = [], [], []
     for case in cases:
+        scorer = case.scorer(hu_range)
         raw = predict_reference(net, params, case.input_hu)
         projected = case.operator.project(raw, measured=case.measured)
-        truth01 = to_x01(case.truth_hu, hu_range)
-        l1.append(float((to_x01(projected, hu_range) - truth01).abs().mean()))
-        l1_raw.append(float((to_x01(raw, hu_range) - truth01).abs().mean()))
-        per_case.append(reconstruction_metrics(projected, case.truth_hu, hu_range))
+        l1_raw.append(mean_abs01(raw, scorer))
+        del raw
+        l1.append(mean_abs01(projected, scorer))
+        per_case.append(scorer.score(projected))
     net.train(was_training)
     return {"l1": float(np.mean(l1)), "l1_raw": float(np.mean(l1_raw)), **mean_metrics(per_case)}
 
@@ -127,9 +133,9 @@ def validate(net: nn.Module, params: Params, cases: list[ReferenceCase]) -> dict
 def baseline_metrics(params: Params, cases: list[ReferenceCase]) -> dict[str, float]:
     """The same means for the input itself (baseline_consistent): what the network must beat."""
     hu_range = params.vae.hu_range
-    l1 = [float((to_x01(c.input_hu, hu_range) - to_x01(c.truth_hu, hu_range)).abs().mean()) for c in cases]
-    return {"l1": float(np.mean(l1)),
-            **mean_metrics([reconstruction_metrics(c.input_hu, c.truth_hu, hu_range) for c in cases])}
+    scorers = [c.scorer(hu_range) for c in cases]
+    return {"l1": float(np.mean([mean_abs01(c.input_hu, s) for c, s in zip(cases, scorers)])),
+            **mean_metrics([s.score(c.input_hu) for c, s in zip(cases, scorers)])}
 
 
 # ------------------------------------------------------------------------------------------- train
