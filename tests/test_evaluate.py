@@ -14,7 +14,7 @@ from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 from ctdiff.data.grid import Grid
 from ctdiff.data.phantom import Tissue
 from ctdiff.data.processed import Case
-from ctdiff.data.slab import case_consistency
+from ctdiff.data.slab import baseline_consistent, case_consistency
 from ctdiff.evaluation.evaluate import evaluate
 from ctdiff.evaluation.report import GAIN_KEY, PAIRS
 from ctdiff.evaluation.rungs import RUNG_NAMES
@@ -23,7 +23,7 @@ from ctdiff.metrics.image import METRIC_NAMES, reconstruction_metrics
 from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS
 from ctdiff.metrics.uncertainty import UNCERTAINTY_METRICS
 from ctdiff.models.denoiser import build_unet
-from ctdiff.models.reference import load_reference, predict_reference, reference_input
+from ctdiff.models.reference import load_reference, predict_reference
 from ctdiff.params import params_from_dict, to_dict
 from ctdiff.training.ldm import train
 from ctdiff.training.reference import train_reference
@@ -225,8 +225,23 @@ def test_reference_rung_is_the_stage_network_projected(trained):
     case_dir = ws["processed_dir"] / case_id
     target = np.load(case_dir / "target.npy")
     net = load_reference(params, ws["reference_dir"], torch.device("cpu"))
-    baseline_consistent, operator, measured = reference_input(Case.open(case_dir), "box")
-    raw = predict_reference(net, params, baseline_consistent)
+    consistent, operator, measured = baseline_consistent(Case.open(case_dir), "box")
+    raw = predict_reference(net, params, consistent)
     expected = reconstruction_metrics(operator.project(raw, measured), target, params.vae.hu_range)
     metrics = run_evaluate(params, ws, tmp / "ref_live", tmp / "ref_pred")
     assert metrics["reference"]["psnr_body"] == pytest.approx(expected["psnr_body"], abs=1e-3)
+
+
+def test_a_model_conditioned_on_the_consistent_baseline_is_evaluated_on_val(tmp_path, single_torch_thread):  # noqa: F811
+    """The lever of train.condition, measured as levers are: on the val split, never the test split."""
+    params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1, condition="consistent"), steps=2, samples=2,
+                           split="val", decode="change", bspline_baseline=False)
+    ws = workspace(tmp_path, params)
+    train(params, **ws, progress=False)
+    metrics = evaluate(params, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], tmp_path / "live",
+                       tmp_path / "pred", progress=False)
+    assert metrics["split"] == "val" and metrics["sampler"]["condition"] == "consistent"
+    val_ids = json.loads((ws["processed_dir"] / "splits.json").read_text())["val"]
+    with open(tmp_path / "live" / "per_case.csv") as f:
+        assert [r["case_id"] for r in csv.DictReader(f)] == sorted(val_ids)
+    assert np.isfinite(metrics["model"]["psnr_body"]) and "uncertainty_spearman" in metrics["model"]

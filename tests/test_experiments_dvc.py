@@ -121,3 +121,13 @@ def test_queued_experiments_run_from_git_tracked_files(repo, sd_arm):
     assert "Success" in status, status + repo.dvc("queue", "logs", "fewer-steps", check=False).stdout
     shown = repo.dvc("exp", "show", "--csv").stdout
     assert "fewer-steps" in shown
+
+
+def test_a_training_seed_keeps_the_data_and_reruns_what_learns(repo, sd_arm):
+    """train_seed is separate from the data seed: a sweep over it keeps the phantoms and the split."""
+    splits_before = (repo.root / "data" / "processed" / "splits.json").read_text()
+    out = repo.dvc("exp", "run", "-n", "seed-1", "-S", "train_seed=1").stdout
+    assert ran(out) == {"vae_fit", "vae_check", "train", "sr_reference", "evaluate"}, out
+    assert (repo.root / "data" / "processed" / "splits.json").read_text() == splits_before
+    shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
+    assert "seed-1" in json.dumps(shown)

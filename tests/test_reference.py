@@ -14,8 +14,9 @@ from vae_helpers import single_torch_thread, write_processed  # noqa: F401  (fix
 
 from ctdiff.data.intensity import to_x01
 from ctdiff.data.processed import Case, DataError
+from ctdiff.data.slab import baseline_consistent
 from ctdiff.models.checkpoint import load_checkpoint
-from ctdiff.models.reference import build_reference_net, load_reference, predict_reference, reference_input
+from ctdiff.models.reference import build_reference_net, load_reference, predict_reference
 from ctdiff.params import Params, params_from_dict, to_dict
 from ctdiff.training.reference import train_reference
 
@@ -47,7 +48,7 @@ def run(params: Params, ws: dict[str, Path]):
 
 
 def case_input(processed: Path, case_id: str, params: Params) -> np.ndarray:
-    return reference_input(Case.open(processed / case_id), params.evaluate.slab_profile)[0]
+    return baseline_consistent(Case.open(processed / case_id), params.evaluate.slab_profile)[0]
 
 
 def test_training_lowers_the_loss_and_beats_its_input_on_val(tmp_path):

@@ -232,3 +232,28 @@ def test_other_noise_processes_train_end_to_end(tmp_path, scheduler, prediction)
     params = tiny_params(epochs=2, vae_freeze_epochs=1, scheduler=scheduler, prediction=prediction)
     result = run(params, workspace(tmp_path, params))
     assert result.steps == 6 and all(np.isfinite(h["val/loss"]) for h in result.history)
+
+
+def test_the_condition_can_be_the_slab_consistent_baseline(tmp_path):
+    """train.condition: consistent: the cached condition latents are the encoding of evaluate's
+    baseline_consistent, and sampling (evaluate, predict) conditions on the same volume."""
+    from ctdiff.data.processed import split_cases
+    from ctdiff.data.slab import baseline_consistent
+    from ctdiff.inference.sampling import load_trained_model
+    from ctdiff.training.latents import LatentCache
+    from ctdiff.training.ldm import prepare_data
+
+    params = tiny_params(epochs=1, vae_freeze_epochs=1, condition="consistent")
+    ws = workspace(tmp_path, params)
+    data = prepare_data(ws["processed_dir"], "consistent", "box")
+    case = split_cases(ws["processed_dir"], "train")[0]
+    expected, _, _ = baseline_consistent(case, "box")
+    np.testing.assert_array_equal(data.volumes[0][0], expected)
+    assert not np.array_equal(np.asarray(data.volumes[0][0]), case.load("source").astype(np.float32))
+    vae = VaeAdapter.load(ws["vae_dir"], params.vae, "cpu")
+    cache = LatentCache.build(vae, data.train[:1], volumes=data.volumes[:1], condition="consistent", progress=False)
+    encoded = vae.encode_posterior_hu(torch.from_numpy(expected)[None, None], case.grid.direction).mean[0]
+    torch.testing.assert_close(cache.cases[0].source.mean, encoded)
+    run(params, ws)
+    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    assert model.train_params.condition == "consistent"

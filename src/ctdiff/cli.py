@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
     predict.add_argument("--samples", type=int, help="decoded samples averaged (evaluate.samples)")
     predict.add_argument("--steps", type=int, help="sampling steps (evaluate.steps)")
-    predict.add_argument("--seed", type=int, help="sampling seed (default: params seed, as evaluate)")
+    predict.add_argument("--seed", type=int, help="sampling seed (default: params train_seed, as evaluate)")
     predict.add_argument("--thickness-mm", type=float, help="slice thickness of the inputs (default: DICOM "
                          "SliceThickness, else the slice spacing; a NIfTI's z spacing)")
     predict.add_argument("--anonymize", action="store_true", help="drop patient identifiers from the DICOM series")
@@ -103,8 +103,9 @@ def run_predict(args: argparse.Namespace) -> int:
     except (ParamsError, WeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 1
-    outcomes = predict_inputs(args.inputs, args.out, model, params, params.seed if args.seed is None else args.seed,
-                              args.thickness_mm, args.anonymize, progress=not args.quiet)
+    seed = params.train_seed if args.seed is None else args.seed
+    outcomes = predict_inputs(args.inputs, args.out, model, params, seed, args.thickness_mm, args.anonymize,
+                              progress=not args.quiet)
     for outcome in outcomes:
         if outcome.error:
             print(f"predict: {outcome.source}: {outcome.error}", file=sys.stderr)

@@ -313,7 +313,10 @@ class TrainParams:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     scheduler: Literal["ddpm", "rflow"] = "ddpm"  # training noise process; sampling: DDIM for ddpm, RFlow for rflow
-    residual: bool = True  # generate the change of the target latent from the source latent, not the latent
+    residual: bool = True  # generate the change of the target latent from the condition's latent, not the latent
+    # what the denoiser is conditioned on: series 1 interpolated (source.npy), or that projected onto series 1's
+    # slabs (evaluate's baseline_consistent, with evaluate.slab_profile)
+    condition: Literal["source", "consistent"] = "source"
     prediction: Literal["epsilon", "v"] = "v"  # ddpm only; rflow always predicts the velocity
     num_train_timesteps: int = 1000
     val_patches_per_volume: int = 8  # fixed patches (and noise, timesteps) per val volume
@@ -390,6 +393,7 @@ class SrReferenceParams:
 # ------------------------------------------------------------------------------------------ evaluate
 @dataclass(frozen=True)
 class EvaluateParams:
+    split: Literal["test", "val"] = "test"  # val: to choose levers without looking at the test split
     steps: int = 20  # DDIM (ddpm-trained) or rectified-flow steps per sampled volume
     max_cases: int = 0  # 0 = every case of the test split
     overlap: float = 0.25  # latent windows overlap when a volume exceeds the training patch
@@ -417,7 +421,8 @@ class EvaluateParams:
 # ------------------------------------------------------------------------------------------- all
 @dataclass(frozen=True)
 class Params:
-    seed: int = 0
+    seed: int = 0  # the data: phantoms, the split (and evaluate's bootstrap)
+    train_seed: int = 0  # everything learnt or drawn after the data: VAE, UNet, reference, evaluate's samples
     data: DataParams = field(default_factory=DataParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     vae: VaeParams = field(default_factory=VaeParams)

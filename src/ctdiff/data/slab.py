@@ -37,6 +37,7 @@ from typing import Literal
 import numpy as np
 
 from ctdiff.data.grid import Grid, resample
+from ctdiff.data.processed import Case
 
 Profile = Literal["box", "triangle", "gaussian"]
 PROFILES: tuple[str, ...] = ("box", "triangle", "gaussian")
@@ -196,3 +197,14 @@ def case_consistency(meta: dict, series1_hu: np.ndarray, profile: str) -> tuple[
     grid, grid1 = Grid.from_meta(meta["grid"]), Grid.from_meta(meta["series1"]["grid"])
     operator = SlabOperator.for_case(grid, grid1, meta["series1"].get("slice_thickness"), profile)  # type: ignore[arg-type]
     return operator, operator.measurements(series1_hu, grid1, grid)
+
+
+def baseline_consistent(case: Case, profile: str) -> tuple[np.ndarray, SlabOperator, np.ndarray]:
+    """(evaluate's ``baseline_consistent`` of a case, its slab operator, its measurements).
+
+    The volume is (D, H, W) float32 HU: ``source.npy`` (series 1 interpolated onto the common grid)
+    projected onto the slabs of ``series1.npy`` (series 1 as acquired) with ``profile``: the reference
+    network's input, and the train stage's condition when ``train.condition: consistent``.
+    """
+    operator, measured = case_consistency(case.meta, case.load("series1"), profile)
+    return operator.project(np.asarray(case.load("source"), dtype=np.float32), measured=measured), operator, measured

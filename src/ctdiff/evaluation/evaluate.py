@@ -29,7 +29,7 @@ from ctdiff.device import pick_device
 from ctdiff.evaluation.figures import cut_planes, densest_plane
 from ctdiff.evaluation.report import CaseResult, case_panel, log_results
 from ctdiff.evaluation.rungs import PREDICTION, Ladder, LadderInputs
-from ctdiff.inference.sampling import TrainedModel, decoded_change, load_trained_model, sample_thin, vae_round_trip
+from ctdiff.inference.sampling import TrainedModel, decoded_change, load_trained_model, predict_thin, vae_round_trip
 from ctdiff.io import atomic_dir, atomic_live
 from ctdiff.metrics.cases import score
 from ctdiff.metrics.image import TruthScorer
@@ -46,7 +46,7 @@ def evaluate(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path,
     ``reference_dir`` holds the sr_reference stage's checkpoints (the ``reference`` rung); None leaves
     that rung out.
     """
-    cases = split_cases(processed_dir, "test", params.evaluate.max_cases)
+    cases = split_cases(processed_dir, params.evaluate.split, params.evaluate.max_cases)
     device = pick_device(params.train.device)
     model = load_trained_model(params, vae_dir, ckpt_dir, device)
     reference = load_reference(params, reference_dir, device) if reference_dir is not None else None
@@ -70,18 +70,14 @@ def ladder_inputs(model: TrainedModel, reference: torch.nn.Module | None, params
     operator, measured = case_consistency(case.meta, series1, ep.slab_profile)
     project = partial(operator.project, measured=measured)
     tic = time.perf_counter()
-    samples = sample_thin(model, params, source, params.seed, direction, spread_of=project if ep.consistency else None)
+    thin = predict_thin(model, params, source, params.train_seed, direction, project)
     seconds = time.perf_counter() - tic
-    model_raw = samples.mean
     vae_ceiling = vae_round_trip(model.vae, target, direction)
-    baseline = source.astype(np.float32)
-    if ep.decode == "change":
-        anchor = vae_round_trip(model.vae, source, direction)
-        model_raw, vae_ceiling = decoded_change(model_raw, baseline, anchor), decoded_change(vae_ceiling, baseline,
-                                                                                            anchor)
+    if thin.anchor is not None:  # evaluate.decode: change reads the ceiling as a change too
+        vae_ceiling = decoded_change(vae_ceiling, thin.condition, thin.anchor)
     bspline = resample(series1, case.series1_grid, case.grid, "bspline") if ep.bspline_baseline else None
-    inputs = LadderInputs(model_raw, samples.spread, vae_ceiling, baseline, bspline, project, ep.consistency,
-                          None if reference is None else partial(predict_reference, reference, params))
+    inputs = LadderInputs(thin.raw, thin.spread, vae_ceiling, source.astype(np.float32), bspline, project,
+                          ep.consistency, None if reference is None else partial(predict_reference, reference, params))
     return inputs, seconds, operator.n_slabs
 
 

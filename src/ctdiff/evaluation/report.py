@@ -107,9 +107,11 @@ def log_results(live: Live, results: list[CaseResult], model: TrainedModel, para
     live.log_metric("cases", len(results), plot=False)
     live.summary.update({"vae": {"codec": model.vae.name, "weights": model.vae.weights},
                          "checkpoint": model.checkpoint,
-                         "sampler": {"scheduler": params.train.scheduler, "steps": ep.steps,
+                         "split": ep.split,
+                         "sampler": {"scheduler": model.train_params.scheduler, "steps": ep.steps,
                                      "samples": ep.samples, "decode": ep.decode,
-                                     "residual": model.latent_target.residual},
+                                     "residual": model.latent_target.residual,
+                                     "condition": model.train_params.condition},
                          "consistency": {"model_projected": ep.consistency, "profile": ep.slab_profile}})
     write_per_case_csv(Path(live.dir) / "per_case.csv", [r.row() for r in results])
 

@@ -46,7 +46,7 @@ from ctdiff.data.dicom_write import SeriesSpec, write_series
 from ctdiff.data.grid import Grid, image_from_array, resample, to_int16_hu
 from ctdiff.data.safezip import UnsafeZipError
 from ctdiff.data.slab import SlabOperator
-from ctdiff.inference.sampling import TrainedModel, decoded_change, sample_thin, vae_round_trip
+from ctdiff.inference.sampling import TrainedModel, predict_thin
 from ctdiff.params import Params
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -193,13 +193,9 @@ def predict_scan(model: TrainedModel, params: Params, scan: Scan, seed: int, pro
     if operator.n_slabs == 0:
         raise PredictError("no slab of series 1 lies inside the thin grid")
     project = partial(operator.project, measured=operator.measurements(series1, scan.grid, grid))
-    samples = sample_thin(model, params, source, seed, grid.direction, spread_of=project if ep.consistency else None,
-                          progress=progress)
-    raw = samples.mean
-    if ep.decode == "change":
-        raw = decoded_change(raw, source.astype(np.float32), vae_round_trip(model.vae, source, grid.direction))
-    hu = to_int16_hu(project(raw) if ep.consistency else raw)
-    return Prediction(grid, hu, samples.spread, samples.n)
+    thin = predict_thin(model, params, source, seed, grid.direction, project, progress=progress)
+    hu = to_int16_hu(project(thin.raw) if ep.consistency else thin.raw)
+    return Prediction(grid, hu, thin.spread, thin.samples)
 
 
 # --------------------------------------------------------------------------------------------- write

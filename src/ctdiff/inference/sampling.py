@@ -108,8 +108,9 @@ class Samples:
 def sample_thin(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int,
                 direction: Sequence[float] | None = None,
                 spread_of: Callable[[np.ndarray], np.ndarray] | None = None, progress: bool = False) -> Samples:
-    """Sample series 2 given series 1 on its grid: (D, H, W) HU in, ``evaluate.samples`` decoded draws out,
-    averaged (see the module docstring). ``direction``: the grid's (SimpleITK, LPS).
+    """Sample series 2 given the condition on its grid (series 1, or its slab projection: (D, H, W) HU), the
+    ``evaluate.samples`` decoded draws averaged (see the module docstring). ``direction``: the grid's
+    (SimpleITK, LPS).
 
     ``spread_of``: an affine map applied to each draw before its spread is taken (evaluate and predict pass
     the slab projection, so the spread is that of what the ``model`` rung averages); the mean is of the draws
@@ -143,6 +144,37 @@ def sample_thin(model: TrainedModel, params: Params, source_hu: np.ndarray, seed
             _welford(spread_mean, m2, spread_draw, n)
     spread = None if m2 is None else np.sqrt(m2 / (ep.samples - 1), out=m2)
     return Samples(mean, spread, ep.samples)
+
+
+@dataclass
+class ThinPrediction:
+    """What the model says of one volume before the slab projection: (D, H, W) float32 HU on the thin grid."""
+
+    raw: np.ndarray  # the mean of the draws, read as a change of the condition when evaluate.decode: change
+    spread: np.ndarray | None  # per-voxel spread of the (projected) draws; None for one draw
+    samples: int
+    condition: np.ndarray  # the volume the model was conditioned on (source, or its slab projection)
+    anchor: np.ndarray | None  # D(E(condition)) when evaluate.decode: change, else None
+
+
+def predict_thin(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int,
+                 direction: Sequence[float] | None, project: Callable[[np.ndarray], np.ndarray],
+                 progress: bool = False) -> ThinPrediction:
+    """Evaluate's ``model_raw`` for a (D, H, W) ``source_hu`` (series 1 on the thin grid, int16 HU): the
+    condition the checkpoint was trained with (``train.condition``: the source, or ``project(source)``), the
+    draws (:func:`sample_thin`, their spread taken after ``project`` when ``evaluate.consistency``), and with
+    ``evaluate.decode: change`` the mean read as the change it makes to the condition. The one path of
+    evaluate and ``ctdiff predict``."""
+    ep = params.evaluate
+    source = np.asarray(source_hu, dtype=np.float32)
+    condition = project(source) if model.train_params.condition == "consistent" else source
+    samples = sample_thin(model, params, condition, seed, direction, spread_of=project if ep.consistency else None,
+                          progress=progress)
+    raw, anchor = samples.mean, None
+    if ep.decode == "change":
+        anchor = vae_round_trip(model.vae, condition, direction)
+        raw = decoded_change(raw, condition, anchor)
+    return ThinPrediction(raw, samples.spread, samples.n, condition, anchor)
 
 
 def _welford(mean: np.ndarray, m2: np.ndarray | None, x: np.ndarray, n: int) -> None:

@@ -3,7 +3,7 @@
 A plain super-resolution network in image space, the yardstick the conditional latent-diffusion model is
 judged against:
 
-- **input**: the slab-consistent baseline of a case (:func:`reference_input`): series 1 linearly
+- **input**: the slab-consistent baseline of a case (:func:`ctdiff.data.slab.baseline_consistent`): series 1 linearly
   interpolated onto the common grid (``source.npy``), projected onto series 1's slabs with
   ``evaluate.slab_profile``; exactly the volume evaluate hands it, so the network is scored on the input
   it learnt from;
@@ -29,23 +29,10 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from ctdiff.data.intensity import to_x01
-from ctdiff.data.processed import Case
-from ctdiff.data.slab import SlabOperator, case_consistency
 from ctdiff.models.checkpoint import diff_keys, load_checkpoint
 from ctdiff.params import Params, SrReferenceParams
 
 CHECKPOINTS = ("best.pt", "last.pt")  # best by projected val L1; last when no epoch improved
-
-
-def reference_input(case: Case, profile: str) -> tuple[np.ndarray, SlabOperator, np.ndarray]:
-    """(the network's input, the case's slab operator, its measurements).
-
-    The input is (D, H, W) float32 HU: ``source.npy`` (series 1 on the common grid) projected onto the slabs
-    of ``series1.npy`` (series 1 as acquired) with ``profile``: evaluate's ``baseline_consistent``.
-    Validation projects the prediction with the same operator and measurements.
-    """
-    operator, measured = case_consistency(case.meta, case.load("series1"), profile)
-    return operator.project(np.asarray(case.load("source"), dtype=np.float32), measured=measured), operator, measured
 
 
 def build_reference_net(sp: SrReferenceParams) -> nn.Module:
@@ -73,7 +60,7 @@ def net_contract(params: Params) -> dict[str, Any]:
 
 @torch.no_grad()
 def predict_reference(net: nn.Module, params: Params, baseline_consistent_hu: np.ndarray) -> np.ndarray:
-    """(D, H, W) HU input (:func:`reference_input`, any shape) -> (D, H, W) float32 HU: input + predicted residual.
+    """(D, H, W) HU input (``baseline_consistent``, any shape) -> (D, H, W) float32 HU: input + predicted residual.
 
     Not projected onto the slabs (the caller does that). The volume stays on the CPU; windows of
     ``sr_reference.patch`` run on the network's device, ``window_batch`` at a time, blended with a Gaussian.

@@ -53,23 +53,27 @@ class LatentCache:
 
     @classmethod
     def build(cls, vae: VaeAdapter, cases: Sequence[Case], cache_dir: Path | None = None,
-              progress: bool = True) -> LatentCache:
+              progress: bool = True, volumes: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+              condition: str = "source") -> LatentCache:
+        """Encode each case's (condition, target) volumes (default: its ``source.npy`` and ``target.npy``;
+        ``volumes`` gives others, e.g. the slab-consistent baseline as the condition, named by ``condition``)."""
         folder = None
         if cache_dir is not None:
-            folder = cache_dir / digest([vae.fingerprint, [c.fingerprint() for c in cases]])
+            folder = cache_dir / digest([vae.fingerprint, [c.fingerprint() for c in cases], condition])
             for stale in cache_dir.glob("*"):
                 if stale != folder:
                     shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
         vae.set_trainable("none")
         cached = []
-        for case in tqdm(cases, desc="encode train volumes", unit="case", disable=not progress):
+        for i, case in enumerate(tqdm(cases, desc="encode train volumes", unit="case", disable=not progress)):
             path = folder / f"{case.case_id}.pt" if folder else None
             if path is not None and path.is_file():
                 t = torch.load(path, map_location="cpu", weights_only=True)
             else:
                 t = {}
-                for which in ("source", "target"):
-                    hu = torch.from_numpy(np.asarray(case.load(which), dtype=np.float32))[None, None]
+                pair = volumes[i] if volumes is not None else (case.load("source"), case.load("target"))
+                for which, volume in zip(("source", "target"), pair):
+                    hu = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None]
                     post = vae.encode_posterior_hu(hu, case.grid.direction)
                     t[f"{which}_mean"], t[f"{which}_std"] = post.mean[0], post.std[0]
                 if path is not None:

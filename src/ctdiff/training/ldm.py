@@ -52,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ctdiff.data.processed import Case, split_cases
+from ctdiff.data.slab import baseline_consistent
 from ctdiff.metrics.image import psnr
 from ctdiff.models.denoiser import build_unet, latent_patch_shape
 from ctdiff.models.diffusion import LatentTarget, diffusion_loss, training_scheduler
@@ -98,11 +99,11 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
     """The loop. Returning (or raising) drops the DDP model before ``env`` closes."""
     tp = params.train
     say = print if env.is_main else (lambda *a, **k: None)
-    torch.manual_seed(params.seed + env.rank)
-    random.seed(params.seed + env.rank)
-    rng = np.random.default_rng([params.seed, env.rank])  # patch corners
+    torch.manual_seed(params.train_seed + env.rank)
+    random.seed(params.train_seed + env.rank)
+    rng = np.random.default_rng([params.train_seed, env.rank])  # patch corners
 
-    data = prepare_data(processed_dir)
+    data = prepare_data(processed_dir, tp.condition, params.evaluate.slab_profile)
     m = load_models(params, vae_dir, env)
     steps_per_epoch = math.ceil(len(data.train) * tp.patches_per_volume / (tp.batch_size * env.world_size))
     total_steps = tp.epochs * steps_per_epoch
@@ -116,7 +117,8 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
     frozen_later = run.epoch < tp.vae_freeze_epochs or tp.vae_finetune == "decoder"
     cache, scale_factor, latent_target = encode_training_latents(m.vae, data, tp, run, ckpt_dir, frozen_later,
                                                                  progress and env.is_main, say)
-    validation = Validation(m.vae, data.val, m.sampler, m.noise_scheduler, tp, params.seed) if env.is_main else None
+    validation = Validation(m.vae, data.val, data.val_conditions, m.sampler, m.noise_scheduler, tp,
+                            params.train_seed) if env.is_main else None
     run.open_live({"codec": m.vae.name, "weights": m.vae.weights, "scale_factor": scale_factor})
 
     def save(name: str, with_optimizers: bool = True) -> None:
@@ -144,7 +146,7 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
             if not frozen and m.vae_optimizer is None:
                 unfreeze_vae(m, tp, run.checkpoint)
             m.unet.train()
-            batches = list(rank_batches(epoch_order(len(data.train), tp.patches_per_volume, params.seed, epoch),
+            batches = list(rank_batches(epoch_order(len(data.train), tp.patches_per_volume, params.train_seed, epoch),
                                         tp.batch_size, env.rank, env.world_size))[:steps_per_epoch]
             done = run.step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{tp.epochs} "
@@ -205,18 +207,27 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
 # ------------------------------------------------------------------------------------------ the steps
 @dataclass
 class TrainData:
-    """The train split to learn from (memory-mapped (source, target) volumes) and the val split to validate on;
-    the test split is never read here."""
+    """The train split to learn from ((condition, target) volumes: the condition memory-mapped ``source.npy``,
+    or the slab-consistent baseline computed here) and the val split to validate on (its conditions); the
+    test split is never read here."""
 
     train: list[Case]
     val: list[Case]
     volumes: list[tuple[np.ndarray, np.ndarray]]
+    val_conditions: list[np.ndarray]
+    condition: str
 
 
-def prepare_data(processed_dir: Path) -> TrainData:
+def prepare_data(processed_dir: Path, condition: str, slab_profile: str) -> TrainData:
     train_cases, val_cases = split_cases(processed_dir, "train"), split_cases(processed_dir, "val")
-    return TrainData(train_cases, val_cases,
-                     [(c.load("source", mmap=True), c.load("target", mmap=True)) for c in train_cases])
+
+    def condition_of(case: Case) -> np.ndarray:
+        if condition == "consistent":
+            return baseline_consistent(case, slab_profile)[0]
+        return case.load("source", mmap=True)
+
+    return TrainData(train_cases, val_cases, [(condition_of(c), c.load("target", mmap=True)) for c in train_cases],
+                     [condition_of(c) for c in val_cases], condition)
 
 
 def training_geometry(cases: list[Case]) -> dict[str, Any]:
@@ -290,8 +301,8 @@ def restore(run: TrainingRun, m: Models, params: Params, env: DistEnv, rng: np.r
         set_rng_state(ckpt["rng"], rng)
         return rng
     # rank 0's streams are the ones saved; the others restart theirs from the step
-    torch.manual_seed(params.seed + env.rank + 1000 * run.step)
-    return np.random.default_rng([params.seed, env.rank, run.step])
+    torch.manual_seed(params.train_seed + env.rank + 1000 * run.step)
+    return np.random.default_rng([params.train_seed, env.rank, run.step])
 
 
 def encode_training_latents(vae: VaeAdapter, data: TrainData, tp: TrainParams, run: TrainingRun, ckpt_dir: Path,
@@ -305,7 +316,8 @@ def encode_training_latents(vae: VaeAdapter, data: TrainData, tp: TrainParams, r
     cache = None
     if needed or scale_factor is None:
         cache_dir = ckpt_dir / LATENT_CACHE_DIR if tp.latent_cache == "disk" else None
-        cache = LatentCache.build(vae, data.train, cache_dir, progress=progress)
+        cache = LatentCache.build(vae, data.train, cache_dir, progress=progress, volumes=data.volumes,
+                                  condition=data.condition)
     if scale_factor is None:
         scale_factor = 1.0 / cache.target_std()
         say(f"train: latent scale factor {scale_factor:.4f} (1 / std of the cached training target latents)")
@@ -401,7 +413,7 @@ def shaping_params(params: Params, vae: VaeAdapter, train_cases: list[Case], val
     """What a resumed run must share with the checkpoint: train params that shape the model and its
     trajectory (not ``NOT_SHAPING``), the seed, the VAE's identity, and the data (case ids and fingerprints)."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in NOT_SHAPING}
-    return shaping({"train": train}, params.seed, train_cases, val_cases, vae=vae.fingerprint)
+    return shaping({"train": train}, params.train_seed, train_cases, val_cases, vae=vae.fingerprint)
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -415,9 +427,10 @@ class Validation:
     on 2 CPU cores). Timesteps are spread evenly over [0, T) to lower the variance of the estimate.
     """
 
-    def __init__(self, vae: VaeAdapter, cases: list[Case], sampler: PatchSampler, scheduler: Any,
-                 tp: TrainParams, seed: int) -> None:
+    def __init__(self, vae: VaeAdapter, cases: list[Case], conditions: list[np.ndarray], sampler: PatchSampler,
+                 scheduler: Any, tp: TrainParams, seed: int) -> None:
         self.vae, self.cases, self.sampler, self.scheduler, self.tp = vae, cases, sampler, scheduler, tp
+        self.conditions = conditions
         rng = np.random.default_rng([seed, 0x7A1])
         self._encode()
         self.corners = [[sampler.corner(lat[1].shape[1:], rng) for _ in range(tp.val_patches_per_volume)]
@@ -431,10 +444,10 @@ class Validation:
 
     def _encode(self) -> None:
         self.latents = []  # per case: (source mean, target mean), (C, d, h, w) on the VAE's device
-        for case in self.cases:
-            pair = [self.vae.encode_posterior_hu(torch.from_numpy(case.load(w).astype(np.float32))[None, None]
+        for case, condition in zip(self.cases, self.conditions):
+            pair = [self.vae.encode_posterior_hu(torch.from_numpy(np.asarray(v, dtype=np.float32))[None, None]
                                                  .to(self.vae.codec.device), case.grid.direction).mean[0]
-                    for w in ("source", "target")]
+                    for v in (condition, case.load("target"))]
             self.latents.append(tuple(pair))
 
     @torch.no_grad()

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from ctdiff.data.intensity import to_x01
 from ctdiff.data.processed import Case, split_cases
-from ctdiff.data.slab import SlabOperator
+from ctdiff.data.slab import SlabOperator, baseline_consistent
 from ctdiff.device import pick_device
 from ctdiff.metrics.image import TruthScorer, body_mask, mean_abs01, mean_metrics
-from ctdiff.models.reference import build_reference_net, net_contract, predict_reference, reference_input
+from ctdiff.models.reference import build_reference_net, net_contract, predict_reference
 from ctdiff.params import Params, to_dict
 from ctdiff.training.scaffold import (
     BEST,
@@ -69,7 +69,7 @@ class ReferenceCase:
     @classmethod
     def load(cls, case: Case, profile: str) -> ReferenceCase:
         """The input computed (float32, in memory), the truth memory-mapped: patches read only what they cut."""
-        input_hu, operator, measured = reference_input(case, profile)
+        input_hu, operator, measured = baseline_consistent(case, profile)
         truth = case.load("target", mmap=True)
         return cls(case.case_id, input_hu, truth, operator, measured, body_mask(truth))
 
@@ -143,7 +143,7 @@ def shaping_params(params: Params, train_cases: list[Case], val_cases: list[Case
     """What a resumed run must share with the checkpoint: sr_reference params that shape the network and its
     trajectory (not ``NOT_SHAPING``), the seed, the input's definition, and the data."""
     sp = {k: v for k, v in to_dict(params.sr_reference).items() if k not in NOT_SHAPING}
-    return shaping({"sr_reference": sp}, params.seed, train_cases, val_cases,
+    return shaping({"sr_reference": sp}, params.train_seed, train_cases, val_cases,
                    hu_range=list(params.vae.hu_range), slab_profile=params.evaluate.slab_profile)
 
 
@@ -153,9 +153,9 @@ def train_reference(params: Params, processed_dir: Path, ckpt_dir: Path, live_di
     the input's val metrics, empty when there was nothing left to do)."""
     sp = params.sr_reference
     device = pick_device(sp.device, key="sr_reference.device")
-    torch.manual_seed(params.seed)
-    random.seed(params.seed)
-    rng = np.random.default_rng([params.seed, 0x5E])  # patch cases and corners
+    torch.manual_seed(params.train_seed)
+    random.seed(params.train_seed)
+    rng = np.random.default_rng([params.train_seed, 0x5E])  # patch cases and corners
 
     # ---- data: train split to learn from, val split to validate on; the test split is never read here
     train_split, val_split = split_cases(processed_dir, "train"), split_cases(processed_dir, "val")

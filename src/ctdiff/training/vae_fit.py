@@ -125,7 +125,7 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
     else:
         # Seeded here, not only in train_codec: torch starts every process from a random seed, so the
         # initial weights (and with them the whole stage's output) differed from run to run.
-        set_determinism(params.seed)
+        set_determinism(params.train_seed)
         codec = new_codec(vae, scratch_config(vae), device)
         epochs, lr = vae.scratch_epochs, vae.scratch_lr
         weights = {"source": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
@@ -134,7 +134,7 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
     patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
     started = time.perf_counter()
     history = train_codec(codec, train, patch, epochs, lr, vae.patches_per_volume, vae.batch_size,
-                          vae.kl_weight, params.seed, _live_logger(live)) if epochs else []
+                          vae.kl_weight, params.train_seed, _live_logger(live)) if epochs else []
     train_seconds = time.perf_counter() - started
     if history and not math.isfinite(history[-1]["loss"]):
         raise WeightsError(f"vae_fit: the last epoch's loss is {history[-1]['loss']}: the VAE diverged; lower "
