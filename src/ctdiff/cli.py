@@ -25,7 +25,7 @@ params params.yaml's (evaluate.* for sampling, preprocess.* for reading), overri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctdiff", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{stage,predict,preset}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{stage,predict,preset,verdict}")
     for stage in STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage (stages/{stage}.py)")
     predict = commands.add_parser("predict", help="apply the trained model to new scans", description=PREDICT_HELP)
@@ -47,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Print presets/NAME.yaml as -S overrides: "
                                              "dvc exp run $(ctdiff preset real)")
     preset.add_argument("name", metavar="NAME")
+    verdict = commands.add_parser("verdict", help="the verdict over the training-seed sweep's experiments",
+                                  description="Read the sweep's experiments (dvc exp show, their per_case.csv) and "
+                                              "print each comparison's mean, seed spread and bootstrap interval")
+    verdict.add_argument("--names", nargs="+", help="only these experiments (default: the newest sweep)")
+    verdict.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
     args = parser.parse_args(argv)
+    if args.command == "verdict":
+        return print_verdict(args.names, args.json)
     if args.command == "predict":
         return run_predict(args)
     if args.command == "preset":
@@ -63,6 +70,19 @@ def print_preset(name: str) -> int:
         print(" ".join(preset_overrides(name)))
     except (ParamsError, OSError) as exc:
         print(f"preset: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_verdict(names: list[str] | None, as_json: bool) -> int:
+    import subprocess
+
+    from ctdiff.evaluation.verdict import main as verdict_main
+
+    try:
+        print(verdict_main(Path("."), names, as_json))
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"verdict: {exc}", file=sys.stderr)
         return 1
     return 0
 
