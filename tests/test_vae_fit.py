@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants
@@ -17,6 +18,7 @@ from vae_helpers import (  # single_torch_thread is a fixture
     add_to_hf_cache,
     as_params,
     single_torch_thread,  # noqa: F401
+    synthetic_ct,
     tiny_params,
     write_params,
     write_processed,
@@ -51,7 +53,7 @@ def test_scratch_training_lowers_the_reconstruction_loss(tmp_path, use_maisi):
     history = train_codec(codec, split_cases(processed, "train"), patch, epochs=6, lr=vae.scratch_lr,
                           patches_per_volume=3, batch_size=2, kl_weight=vae.kl_weight, seed=0)
     assert len(history) == 6
-    assert history[-1]["l1"] < 0.85 * history[0]["l1"]
+    assert history[-1]["recon"] < 0.85 * history[0]["recon"]
 
 
 def test_scratch_fit_is_reproducible(tmp_path):
@@ -81,7 +83,7 @@ def test_scratch_fit_then_check_write_their_contracts(tmp_path, use_maisi):
     assert manifest["weights_dir"] == "." and "scale_factor" not in manifest
     fit_metrics = json.loads((tmp_path / "live_fit" / "metrics.json").read_text())
     assert fit_metrics["weights"] == manifest["weights"] and fit_metrics["train_seconds"] == manifest["train_seconds"]
-    assert (tmp_path / "live_fit" / "plots" / "metrics" / "train" / "l1.tsv").is_file()
+    assert (tmp_path / "live_fit" / "plots" / "metrics" / "train" / "recon.tsv").is_file()
 
     with atomic_live(tmp_path / "live_check") as live:
         check_vae(params, processed, tmp_path / "vae", live)
@@ -155,3 +157,23 @@ def test_missing_or_empty_splits_name_the_fix(tmp_path):
     assert [c.case_id for c in split_cases(processed, "train", max_cases=2)] == ["case_000", "case_001"]
     with pytest.raises(DataError, match="no 'test' cases"):
         split_cases(processed, "test")
+
+
+@pytest.mark.parametrize("use_maisi", [True, False], ids=["maisi", "sd"])
+def test_the_scratch_levers_start_nearly_deterministic_and_crop_inside_the_body(tmp_path, use_maisi):
+    """vae.logvar_init starts every posterior at sigma = exp(logvar / 2); vae.body_crops draws crops centred in
+    the body; vae.recon_loss mse trains on the squared error."""
+    from ctdiff.training.vae_fit import init_logvar
+
+    codec = new_codec(as_params(tiny_params(use_maisi)).vae, scratch_config(as_params(tiny_params(use_maisi)).vae))
+    init_logvar(codec, -8.0)
+    hu = torch.from_numpy(synthetic_ct((8, 16, 16), 0))[None, None]
+    _, std = codec.encode_posterior_hu(hu)
+    torch.testing.assert_close(std, torch.full_like(std, float(np.exp(-4.0))), rtol=1e-4, atol=0)
+    processed = write_processed(tmp_path / "processed")
+    params = as_params(tiny_params(use_maisi, scratch_epochs=2, logvar_init=-6.0, body_crops=0.5, recon_loss="mse",
+                                   warmup_steps=2))
+    history = train_codec(codec, split_cases(processed, "train"), params.vae.maisi.patch if use_maisi else
+                          params.vae.sd.patch, 2, 1e-3, 2, 2, 1e-6, 0, recon_loss="mse", warmup_steps=2,
+                          body_crops=0.5)
+    assert len(history) == 2 and all(np.isfinite(h["recon"]) for h in history)

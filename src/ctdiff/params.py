@@ -237,6 +237,10 @@ class VaeParams:
     patches_per_volume: int = 4  # random crops per training volume (source and target) per epoch
     batch_size: int = 4
     kl_weight: float = 1.0e-6
+    recon_loss: Literal["l1", "mse"] = "l1"  # the reconstruction term in [0, 1] (PSNR is an MSE)
+    warmup_steps: int = 0  # linear LR warm-up before the cosine decay
+    body_crops: float = 0.0  # fraction of training crops centred inside the body (HU > -500), the rest uniform
+    logvar_init: float | None = None  # scratch: the encoder's log-variance output starts at this constant
     hub_timeout_s: float = 5.0  # reachability check before a download; offline fails this fast
     maisi: MaisiParams = field(default_factory=MaisiParams)
     sd: SdParams = field(default_factory=SdParams)
@@ -249,6 +253,8 @@ class VaeParams:
         _require(self.patches_per_volume >= 1 and self.batch_size >= 1, "vae", "patches_per_volume and "
                  "batch_size must be >= 1")
         _require(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
+        _require(self.warmup_steps >= 0, "vae.warmup_steps", "must be >= 0")
+        _require(0.0 <= self.body_crops <= 1.0, "vae.body_crops", "must be in [0, 1]")
         _require(self.hub_timeout_s > 0, "vae.hub_timeout_s", "must be > 0")
 
     @property

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dvclive import Live
-from monai.transforms import RandSpatialCropSamples
+from monai.transforms import RandCropByPosNegLabel, RandSpatialCropSamples
 from monai.utils import set_determinism
 from tqdm import tqdm
 
 from ctdiff.data.processed import Case, split_cases
 from ctdiff.io import atomic_dir
+from ctdiff.metrics.image import BODY_THRESHOLD_HU
 from ctdiff.models.vae.base import LatentCodec, kl_divergence
 from ctdiff.models.vae.weights import (
     WeightsError,
@@ -37,6 +38,7 @@ from ctdiff.models.vae.weights import (
     write_manifest,
 )
 from ctdiff.params import Params
+from ctdiff.training.scaffold import warmup_cosine
 
 FINAL_LR_FRACTION = 0.05
 EpochLog = Callable[[int, dict[str, float]], None]
@@ -53,18 +55,25 @@ def patch_size(patch: Sequence[int], volume_shape: Sequence[int], downsample: Se
 
 def train_codec(codec: LatentCodec, cases: Sequence[Case], patch: Sequence[int], epochs: int, lr: float,
                 patches_per_volume: int, batch_size: int, kl_weight: float, seed: int,
-                on_epoch: EpochLog | None = None) -> list[dict[str, float]]:
-    """Train ``codec.module`` in place; return per-epoch mean losses {loss, l1, kl} (l1 in [0, 1] units)."""
+                on_epoch: EpochLog | None = None, recon_loss: str = "l1", warmup_steps: int = 0,
+                body_crops: float = 0.0) -> list[dict[str, float]]:
+    """Train ``codec.module`` in place; return per-epoch mean losses {loss, recon, kl} (recon in [0, 1] units:
+    ``recon_loss`` ``l1`` or ``mse``). ``body_crops``: the fraction of crops centred inside the body (MONAI
+    ``RandCropByPosNegLabel`` on HU > -500), the others uniform (``RandSpatialCropSamples``)."""
     set_determinism(seed)
     rng = np.random.default_rng(seed)
     smallest = np.min([case.load("target", mmap=True).shape for case in cases], axis=0)
     roi = patch_size(patch, smallest, codec.downsample)
-    cropper = RandSpatialCropSamples(roi_size=roi, num_samples=patches_per_volume, random_size=False)
+    in_body = round(patches_per_volume * body_crops)
+    cropper = RandSpatialCropSamples(roi_size=roi, num_samples=patches_per_volume - in_body, random_size=False)
     cropper.set_random_state(seed)
+    body_cropper = RandCropByPosNegLabel(spatial_size=roi, pos=1.0, neg=0.0, num_samples=in_body,
+                                         allow_smaller=False)
+    body_cropper.set_random_state(seed + 1)
     steps_per_epoch = math.ceil(2 * len(cases) * patches_per_volume / batch_size)
     optimizer = torch.optim.Adam(codec.module.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch),
-                                                          eta_min=lr * FINAL_LR_FRACTION)
+    schedule = warmup_cosine(optimizer, warmup_steps, max(1, epochs * steps_per_epoch), FINAL_LR_FRACTION)
+    reconstruction = F.mse_loss if recon_loss == "mse" else F.l1_loss
     scaler = torch.amp.GradScaler(codec.device.type, enabled=codec.amp)
     codec.module.train()
     history = []
@@ -72,25 +81,28 @@ def train_codec(codec: LatentCodec, cases: Sequence[Case], patch: Sequence[int],
         patches, directions = [], []
         for case in cases:
             for which in ("source", "target"):
-                crops = cropper(torch.from_numpy(case.load(which))[None])
-                patches += [crop.as_tensor() for crop in crops]
+                volume = torch.from_numpy(case.load(which))[None]
+                crops = list(cropper(volume)) if patches_per_volume > in_body else []
+                if in_body:
+                    crops += body_cropper(volume, label=volume > BODY_THRESHOLD_HU)
+                patches += [torch.as_tensor(crop) for crop in crops]
                 directions += [case.grid.direction] * len(crops)
-        sums = {"loss": 0.0, "l1": 0.0, "kl": 0.0}
+        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
         order = rng.permutation(len(patches))
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             x01 = codec.hu_to_x01(torch.stack([patches[i] for i in batch])).to(codec.device)
             with codec.autocast():
                 recon, z_mu, z_sigma = codec.reconstruct_train(x01, [directions[i] for i in batch])
-            l1 = F.l1_loss(recon.float(), x01)
+            term = reconstruction(recon.float(), x01)
             kl = kl_divergence(z_mu.float(), z_sigma.float())
-            loss = l1 + kl_weight * kl
+            loss = term + kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            for key, value in (("loss", loss), ("l1", l1), ("kl", kl)):
+            for key, value in (("loss", loss), ("recon", term), ("kl", kl)):
                 sums[key] += float(value.detach())
         history.append({key: value / steps_per_epoch for key, value in sums.items()})
         if on_epoch is not None:
@@ -103,7 +115,7 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
             device: torch.device | str = "cpu") -> dict[str, Any]:
     """The vae_fit stage: build or load the codec, train it as the params say, write ``out_dir``.
 
-    Per-epoch losses (``train/loss``, ``train/l1``, ``train/kl``) and a summary (training time, which
+    Per-epoch losses (``train/loss``, ``train/recon``, ``train/kl``) and a summary (training time, which
     weights) go to ``live``. No latent scale factor here: the train stage computes it from the latents it
     encodes anyway (an encode here would be thrown away). Returns the manifest. Pretrained weights used as downloaded
     (``vae.finetune_epochs=0``) are not copied: the manifest points at ``pretrained_dir`` by relative
@@ -127,6 +139,8 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         # initial weights (and with them the whole stage's output) differed from run to run.
         set_determinism(params.train_seed)
         codec = new_codec(vae, scratch_config(vae), device)
+        if vae.logvar_init is not None:
+            init_logvar(codec, vae.logvar_init)
         epochs, lr = vae.scratch_epochs, vae.scratch_lr
         weights = {"source": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
 
@@ -134,7 +148,8 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
     patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
     started = time.perf_counter()
     history = train_codec(codec, train, patch, epochs, lr, vae.patches_per_volume, vae.batch_size,
-                          vae.kl_weight, params.train_seed, _live_logger(live)) if epochs else []
+                          vae.kl_weight, params.train_seed, _live_logger(live), vae.recon_loss, vae.warmup_steps,
+                          vae.body_crops) if epochs else []
     train_seconds = time.perf_counter() - started
     if history and not math.isfinite(history[-1]["loss"]):
         raise WeightsError(f"vae_fit: the last epoch's loss is {history[-1]['loss']}: the VAE diverged; lower "
@@ -152,6 +167,23 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         live.summary.update({key: manifest[key] for key in
                              ("train_seconds", "codec", "weights")})
     return manifest
+
+
+def init_logvar(codec: LatentCodec, value: float) -> None:
+    """Start the encoder's log-variance output at ``value`` everywhere (weights 0, bias ``value``): a scratch
+    VAE then begins nearly deterministic (sigma = exp(value / 2)) instead of drowning its latents in unit
+    noise that the tiny KL weight takes many steps to shrink."""
+    module = codec.module
+    if hasattr(module, "quant_conv_log_sigma"):  # MONAI AutoencoderKlMaisi: a 1x1 conv of its own
+        conv = module.quant_conv_log_sigma.conv
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.constant_(conv.bias, value)
+        return
+    conv = module.quant_conv  # diffusers AutoencoderKL: one 1x1 conv giving [mean, logvar] on channels
+    c = codec.latent_channels
+    with torch.no_grad():
+        conv.weight[c:].zero_()
+        conv.bias[c:].fill_(value)
 
 
 def _live_logger(live: Live | None) -> EpochLog | None:
