@@ -1,0 +1,107 @@
+"""Scratch VAEs against the linear block code of their latent size: val psnr_body against training steps.
+
+Trains the arm's scratch VAE as vae_fit does (``ctdiff.training.vae_fit``: the same codec, crops, loss and
+schedule) with the committed params and the given overrides, and scores the val split's round trip with the
+pipeline's metrics after given epochs (training time alone in the table; scoring is not counted).
+
+    python benchmarks/bench_vae_fit.py --arm sd --set vae.logvar_init=-6 --set vae.recon_loss=mse
+    python benchmarks/bench_vae_fit.py --arm maisi --epochs 12 24 36        # the curve at those epochs
+
+``--processed`` is a data/processed folder of the default phantoms (dvc repro preprocess); one variant per
+call, so every row of a comparison runs alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from monai.utils import set_determinism
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from ctdiff.data.processed import split_cases  # noqa: E402
+from ctdiff.metrics.image import TruthScorer, mean_metrics  # noqa: E402
+from ctdiff.models.vae.weights import new_codec, scratch_config  # noqa: E402
+from ctdiff.params import params_from_dict  # noqa: E402
+from ctdiff.training.vae_fit import init_logvar, train_codec  # noqa: E402
+
+
+def with_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        dotted, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+@torch.no_grad()
+def score(codec, cases, hu_range) -> dict[str, float]:
+    codec.module.eval()
+    per_case = []
+    for case in cases:
+        truth = case.load("target")
+        hu = torch.from_numpy(truth)[None, None]
+        recon = codec.decode_hu(codec.encode_hu(hu, case.grid.direction), truth.shape, case.grid.direction)
+        per_case.append(TruthScorer(truth, hu_range).score(recon[0, 0]))
+    codec.module.train()
+    return mean_metrics(per_case)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processed", type=Path, default=Path("data/processed"))
+    parser.add_argument("--arm", choices=("sd", "maisi"), required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override")
+    parser.add_argument("--epochs", nargs="+", type=int, help="score after these epochs (default: the last)")
+    args = parser.parse_args()
+    raw = with_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), [f"vae.use_maisi={args.arm == 'maisi'}",
+                                                                              *args.set])
+    params = params_from_dict(raw)
+    vae = params.vae
+    epochs = max(args.epochs or [vae.scratch_epochs])
+    checkpoints = set(args.epochs or [epochs])
+    train, val = split_cases(args.processed, "train"), split_cases(args.processed, "val")
+    torch.set_num_threads(torch.get_num_threads())
+    set_determinism(params.train_seed)
+    codec = new_codec(vae, scratch_config(vae))
+    if vae.logvar_init is not None:
+        init_logvar(codec, vae.logvar_init)
+    curve, timer = [], {"train": 0.0, "tic": time.perf_counter()}
+    steps_per_epoch = int(np.ceil(2 * len(train) * vae.patches_per_volume / vae.batch_size))
+
+    def on_epoch(epoch: int, losses: dict[str, float]) -> None:
+        if epoch + 1 in checkpoints:
+            timer["train"] += time.perf_counter() - timer["tic"]
+            metrics = score(codec, val, vae.hu_range)
+            curve.append({"epoch": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
+                          "train_seconds": round(timer["train"], 1), **metrics})
+            print(f"epoch {epoch + 1}: {timer['train']:.0f} s of training, val psnr_body {metrics['psnr_body']:.2f} dB",
+                  flush=True)
+            timer["tic"] = time.perf_counter()
+
+    patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
+    train_codec(codec, train, patch, epochs, vae.scratch_lr, vae.patches_per_volume, vae.batch_size, vae.kl_weight,
+                params.train_seed, on_epoch, vae.recon_loss, vae.warmup_steps, vae.body_crops)
+    print(f"\n{args.arm} {' '.join(args.set) or '(committed params)'}")
+    print("| epochs | steps | train s | val psnr_body | ssim_body | mae_hu_body |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in curve:
+        print(f"| {row['epoch']} | {row['steps']} | {row['train_seconds']:.0f} | {row['psnr_body']:.2f} | "
+              f"{row['ssim_body']:.3f} | {row['mae_hu_body']:.1f} |")
+    print(json.dumps({"arm": args.arm, "set": args.set, "curve": curve}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
