@@ -126,6 +126,10 @@ def test_queued_experiments_run_from_git_tracked_files(repo, sd_arm):
 
 def test_a_training_seed_keeps_the_data_and_reruns_what_learns(repo, sd_arm):
     """train_seed is separate from the data seed: a sweep over it keeps the phantoms and the split."""
+    # A workspace `dvc exp run` (the MAISI arm's, when the module runs in order) leaves its params and
+    # outputs in the workspace: start from main's commit, as a user sweeping from main would.
+    repo.run("git", "checkout", "--", ".")
+    repo.dvc("checkout", "--force")
     splits_before = (repo.root / "data" / "processed" / "splits.json").read_text()
     out = repo.dvc("exp", "run", "-n", "seed-1", "-S", "train_seed=1").stdout
     assert ran(out) == {"vae_fit", "vae_check", "train", "sr_reference", "evaluate"}, out
