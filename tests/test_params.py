@@ -70,3 +70,20 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ParamsError, match="train.device=cuda"):
             pick_device("cuda")
+
+
+def test_params_yaml_names_every_knob(repo_root):
+    """`dvc exp run -S key=value` only overrides keys the file has (a missing one needs `+key`), and a user reads
+    the knobs there: every field of :class:`Params` is written out."""
+
+    def missing(defaults: dict, written: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in defaults.items():
+            if key not in written:
+                out.append(prefix + key)
+            elif isinstance(value, dict) and isinstance(written[key], dict):
+                out += missing(value, written[key], f"{prefix}{key}.")
+        return out
+
+    written = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert missing(to_dict(Params()), written) == []

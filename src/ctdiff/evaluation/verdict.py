@@ -103,15 +103,16 @@ def load_runs(repo: Path = Path("."), names: Sequence[str] | None = None) -> lis
 
 
 def one_sweep(runs: list[SeedRun]) -> list[SeedRun]:
-    """The runs of the newest sweep: those sharing its config, one per (arm, seed) (the first listed, which
-    ``dvc exp show`` gives newest first)."""
-    if not runs:
-        return []
-    config = runs[0].config
-    kept: dict[tuple[str, int], SeedRun] = {}
+    """The runs of one sweep: those sharing a config (every param but the arm and the seed), one per (arm, seed)
+    (the first listed, which ``dvc exp show`` gives newest first). Of several configs, the one with the most
+    (arm, seed) runs wins, the newest on a tie: experiments on other params (a lever tried on val after the
+    sweep) neither join it nor replace it."""
+    groups: dict[str, dict[tuple[str, int], SeedRun]] = {}
     for run in runs:
-        if run.config == config:
-            kept.setdefault((run.arm, run.train_seed), run)
+        groups.setdefault(run.config, {}).setdefault((run.arm, run.train_seed), run)
+    if not groups:
+        return []
+    kept = max(groups.values(), key=len)  # max keeps the first of equals: the newest config
     return sorted(kept.values(), key=lambda r: (r.arm, r.train_seed))
 
 
