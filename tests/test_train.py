@@ -249,6 +249,10 @@ def test_the_condition_can_be_the_slab_consistent_baseline(tmp_path):
     case = split_cases(ws["processed_dir"], "train")[0]
     expected, _, _ = baseline_consistent(case, "box")
     np.testing.assert_array_equal(data.volumes[0][0], expected)
+    # memory-mapped from a temporary file, not held: a real-size split would not fit in RAM otherwise
+    scratch = Path(data.scratch.name)
+    assert all(isinstance(v[0], np.memmap) for v in data.volumes) and isinstance(data.val_conditions[0], np.memmap)
+    assert len(list(scratch.glob("*.npy"))) == len(data.train) + len(data.val)
     assert not np.array_equal(np.asarray(data.volumes[0][0]), case.load("source").astype(np.float32))
     vae = VaeAdapter.load(ws["vae_dir"], params.vae, "cpu")
     cache = LatentCache.build(vae, data.train[:1], volumes=data.volumes[:1], condition="consistent", progress=False)
@@ -257,3 +261,5 @@ def test_the_condition_can_be_the_slab_consistent_baseline(tmp_path):
     run(params, ws)
     model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
     assert model.train_params.condition == "consistent"
+    del data
+    assert not scratch.exists()  # the temporary conditions go with the data

@@ -322,7 +322,7 @@ class TrainParams:
     residual: bool = True  # generate the change of the target latent from the condition's latent, not the latent
     # what the denoiser is conditioned on: series 1 interpolated (source.npy), or that projected onto series 1's
     # slabs (evaluate's baseline_consistent, with evaluate.slab_profile)
-    condition: Literal["source", "consistent"] = "source"
+    condition: Literal["source", "consistent"] = "consistent"
     prediction: Literal["epsilon", "v"] = "v"  # ddpm only; rflow always predicts the velocity
     num_train_timesteps: int = 1000
     val_patches_per_volume: int = 8  # fixed patches (and noise, timesteps) per val volume
