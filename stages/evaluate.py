@@ -21,8 +21,8 @@ FINDINGS = ((CONSPICUITY, "conspicuity"), (FALSE_DEFECTS, "false_defects"))  # p
 def main() -> int:
     try:
         params = load_params()
-        metrics = evaluate(params, Path("data/processed"), Path("models/vae"), Path("models/checkpoints"),
-                           Path("dvclive/evaluate"), Path("data/predictions"),
+        metrics = evaluate(params, Path("data/processed"), Path("data/slab"), Path("models/vae"),
+                           Path("models/checkpoints"), Path("dvclive/evaluate"), Path("data/predictions"),
                            reference_dir=Path("models/sr_reference"))
     except (ParamsError, WeightsError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

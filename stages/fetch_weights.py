@@ -1,4 +1,4 @@
-"""fetch_weights: the pinned pretrained VAE (params vae.*) -> models/pretrained/ (weights + source.json).
+"""fetch_weights: the pinned pretrained VAE (params vae.*) -> models/pretrained/ (weights + origin.json).
 
 Offline with an empty Hugging Face cache it stops in seconds and names the offline switch
 (dvc exp run -S vae.pretrained=false); it never falls back to random weights.
@@ -21,7 +21,7 @@ def main() -> int:
         return 1
     for note in notes:
         print(f"fetch_weights: {note}")
-    if record["source"] == "scratch":
+    if record["origin"] == "scratch":
         print(f"fetch_weights: vae.pretrained=false, nothing downloaded; vae_fit trains the {vae.codec} VAE "
               "from scratch")
     else:

@@ -1,4 +1,4 @@
-"""sr_reference: processed train/val splits -> models/sr_reference/{last,best}.pt, dvclive/sr_reference/.
+"""sr_reference: processed train/val splits + data/slab -> models/sr_reference/{last,best}.pt, dvclive/sr_reference/.
 
 A supervised image-space network (MONAI UNet, residual on the slab-consistent baseline) that evaluate
 scores as the ``reference`` rung. Resumes from models/sr_reference/last.pt when its params hash matches.
@@ -21,7 +21,7 @@ from ctdiff.training.scaffold import TrainingDiverged, TrainInterrupted
 def main() -> int:
     try:
         params = load_params()
-        result = train_reference(params, Path("data/processed"), Path("models/sr_reference"),
+        result = train_reference(params, Path("data/processed"), Path("data/slab"), Path("models/sr_reference"),
                                  Path("dvclive/sr_reference"))
     except TrainInterrupted as exc:
         print(f"sr_reference: {exc}", file=sys.stderr)

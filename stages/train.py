@@ -1,4 +1,5 @@
-"""train: processed train/val splits + models/vae -> models/checkpoints/{last,best}.pt, dvclive/train/.
+"""train: processed train/val splits + data/slab + models/vae -> models/checkpoints/ ({last,best}.pt and model.json,
+how the model is sampled), dvclive/train/.
 
 Resumes from models/checkpoints/last.pt when its params hash matches. Exit codes: 0 done; 1 error
 (bad params, missing inputs, non-finite loss); 128 + signal (143 SIGTERM, 130 SIGINT) when stopped by
@@ -23,8 +24,8 @@ from ctdiff.training.scaffold import TrainingDiverged, TrainInterrupted
 def main() -> int:
     try:
         params = load_params()
-        result = train(params, Path("data/processed"), Path("models/vae"), Path("models/checkpoints"),
-                       Path("dvclive/train"))
+        result = train(params, Path("data/processed"), Path("data/slab"), Path("models/slab"), Path("models/vae"),
+                       Path("models/checkpoints"), Path("dvclive/train"))
     except TrainInterrupted as exc:
         print(f"train: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -19,7 +19,7 @@ from ctdiff.params import ParamsError, load_params
 def main() -> int:
     try:
         params = load_params()
-        device = pick_device(params.train.device)
+        device = pick_device(params.device)
         with atomic_live("dvclive/vae_check") as live:
             summary = check_vae(params, Path("data/processed"), Path("models/vae"), live, device)
     except (ParamsError, WeightsError, DataError) as exc:

@@ -24,14 +24,14 @@ from ctdiff.training.vae_fit import fit_vae
 def main() -> int:
     try:
         params = load_params()
-        device = pick_device(params.train.device)
+        device = pick_device(params.device)
         with atomic_live("dvclive/vae_fit") as live:
             manifest = fit_vae(params, Path("data/processed"), Path("models/pretrained"), Path("models/vae"),
                                live, device)
     except (ParamsError, WeightsError, DataError) as exc:
         print(f"vae_fit: {exc}", file=sys.stderr)
         return 1
-    print(f"vae_fit: {manifest['codec']} VAE ({manifest['weights']['source']}) -> models/vae "
+    print(f"vae_fit: {manifest['codec']} VAE ({manifest['weights']['origin']}) -> models/vae "
           f"({manifest['train_seconds']:.0f} s of training)")
     return 0
 

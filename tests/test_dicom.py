@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from paramkit import repo_params
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import generate_uid
 
@@ -23,7 +24,6 @@ from ctdiff.data.dicom import CasePair, CaseRejected, read_case
 from ctdiff.data.dicom_write import SeriesSpec, encode_series, write_series
 from ctdiff.data.grid import AIR_HU
 from ctdiff.data.safezip import SafeZip
-from ctdiff.params import PreprocessParams
 
 Files = list[tuple[str, bytes]]
 THIN_SHAPE = (20, 12, 16)  # series 2: D, H, W at 1 mm
@@ -43,8 +43,8 @@ OBLIQUE = tuple(sitk.VersorRigid3DTransform((0.05, -0.04, 0.2, 0.98)).GetMatrix(
 
 # ------------------------------------------------------------------------------------------ helpers
 def read(zip_path: Path, **overrides) -> CasePair:
-    """read_case with the params.yaml defaults (PreprocessParams), overridable per test."""
-    p = PreprocessParams()
+    """read_case with the params.yaml defaults (preprocess), overridable per test."""
+    p = repo_params().preprocess
     kwargs = {"min_slices": p.min_slices, "allow_gaps": p.allow_gaps, "max_members": p.max_zip_members,
               "max_unzipped_bytes": int(p.max_unzipped_gb * 1024**3)}
     return read_case(zip_path, **{**kwargs, **overrides})

@@ -1,8 +1,11 @@
 """Denoiser construction, schedulers, the training loss and the sampling loop, on tiny latents."""
 
+import dataclasses
+
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from paramkit import repo_params
 from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 
 from ctdiff.models.denoiser import build_unet, crop_latent, pad_latent
@@ -18,12 +21,13 @@ from ctdiff.params import TrainParams, UnetParams
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-UNET = UnetParams(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
+UNET = UnetParams(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, norm_num_groups=8,
+                  num_head_channels=8)
 LATENT_CH = 2
 
 
 def train_params(**kw) -> TrainParams:
-    return TrainParams(unet=UNET, **kw)
+    return dataclasses.replace(repo_params().train, unet=UNET, **kw)
 
 
 @pytest.mark.parametrize(("scheduler", "prediction", "train_cls", "sample_cls"), [
@@ -115,7 +119,8 @@ def test_a_converged_model_samples_its_target(scheduler, residual):
 
 def test_padding_makes_sd_like_latents_fit_the_unet():
     # SD's latent of a (10, 48, 48) volume is (C, 10, 6, 6): depth not downsampled, in-plane 8x
-    unet_params = UnetParams(channels=(8, 8, 16), attention_levels=(False, False, False), norm_num_groups=8)
+    unet_params = UnetParams(channels=(8, 8, 16), attention_levels=(False, False, False), num_res_blocks=1,
+                             norm_num_groups=8, num_head_channels=8)
     unet = build_unet(unet_params, LATENT_CH)
     latent = torch.randn(1, 2 * LATENT_CH, 10, 6, 6)
     padded = pad_latent(latent, unet_params)

@@ -9,47 +9,62 @@ import pytest
 import SimpleITK as sitk
 import torch
 from trainkit import tiny_params, workspace
-from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
+from vae_helpers import single_torch_thread, write_slabs  # noqa: F401  (fixture)
 
 from ctdiff.data.grid import Grid
 from ctdiff.data.phantom import Tissue
-from ctdiff.data.processed import Case
-from ctdiff.data.slab import baseline_consistent, case_consistency
+from ctdiff.data.slab import SlabCase
 from ctdiff.evaluation.evaluate import evaluate
 from ctdiff.evaluation.report import GAIN_KEY, PAIRS
 from ctdiff.evaluation.rungs import RUNG_NAMES
-from ctdiff.inference.sampling import WindowedDenoiser, load_trained_model, sample_thin, vae_round_trip
+from ctdiff.inference.sampling import WindowedDenoiser, load_trained_model, sample_thin
 from ctdiff.metrics.image import METRIC_NAMES, reconstruction_metrics
 from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS
 from ctdiff.metrics.uncertainty import UNCERTAINTY_METRICS
 from ctdiff.models.denoiser import build_unet
-from ctdiff.models.reference import load_reference, predict_reference
-from ctdiff.params import params_from_dict, to_dict
+from ctdiff.models.reference import load_reference
+from ctdiff.params import with_overrides
 from ctdiff.training.ldm import train
 from ctdiff.training.reference import train_reference
 
 
+def with_sampling(params, **sampling):
+    return with_overrides(params, {f"train.sampling.{k}": v for k, v in sampling.items()})
+
+
 def with_evaluate(params, **evaluate):
-    raw = to_dict(params)
-    raw["evaluate"] = {**raw["evaluate"], **evaluate}
-    return params_from_dict(raw)
+    return with_overrides(params, {f"evaluate.{k}": v for k, v in evaluate.items()})
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("evaluate")
-    params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1), steps=3)
+    params = with_sampling(tiny_params(epochs=1, vae_freeze_epochs=1), steps=3)
     ws = workspace(tmp, params)
     train(params, **ws, progress=False)
     ws["reference_dir"] = tmp / "models" / "sr_reference"
-    train_reference(params, ws["processed_dir"], ws["reference_dir"], tmp / "dvclive" / "sr_reference", progress=False)
+    train_reference(params, ws["processed_dir"], ws["slab_dir"], ws["reference_dir"], tmp / "dvclive" / "sr_reference",
+                    progress=False)
     return tmp, params, ws
 
 
-def run_evaluate(params, ws, live_dir, pred_dir, processed_dir=None):
-    return evaluate(params, processed_dir or ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], live_dir, pred_dir,
-                    progress=False, reference_dir=ws["reference_dir"])
+def resampled(params, ws, copy_to, **sampling):
+    """The trained model in a copy of its folder, sampled otherwise: the train stage rerun with other
+    ``train.sampling`` (finds its training complete and only rewrites model.json, as under DVC)."""
+    changed = with_sampling(params, **sampling)
+    shutil.copytree(ws["ckpt_dir"], copy_to)
+    train(changed, **{**ws_train(ws), "ckpt_dir": copy_to}, progress=False)
+    return changed, {**ws, "ckpt_dir": copy_to}
+
+
+def ws_train(ws):
+    return {k: ws[k] for k in ("processed_dir", "slab_dir", "profile_dir", "vae_dir", "ckpt_dir", "live_dir")}
+
+
+def run_evaluate(params, ws, live_dir, pred_dir, processed_dir=None, slab_dir=None):
+    return evaluate(params, processed_dir or ws["processed_dir"], slab_dir or ws["slab_dir"], ws["vae_dir"],
+                    ws["ckpt_dir"], live_dir, pred_dir, progress=False, reference_dir=ws.get("reference_dir"))
 
 
 def test_stage_outputs(trained):
@@ -70,7 +85,8 @@ def test_stage_outputs(trained):
         assert set(metrics[f"{rung}_minus_{against}"]) == {"psnr_body", "mae_hu_body"}
     assert not (live_dir / "plots" / "custom").exists()
     summary = json.loads((live_dir / "metrics.json").read_text())
-    assert summary["vae"]["weights"]["source"] == "scratch"
+    assert summary["vae"]["weights"]["origin"] == "scratch"
+    assert summary["sampler"]["steps"] == 3 and summary["consistency"]["profile"] == "box"  # as the model carries
     test_ids = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"]
     with open(live_dir / "per_case.csv") as f:
         rows = list(csv.DictReader(f))
@@ -91,39 +107,41 @@ def test_stage_outputs(trained):
     clip = np.clip(source, -1000, 1000).astype(float) - np.clip(target, -1000, 1000)
     assert float(rows[0]["baseline_mae_hu"]) == pytest.approx(np.abs(clip).mean(), rel=1e-3)
     # What data/predictions holds is the projected model: it reproduces series 1 through the slab operator.
-    meta = json.loads((case_dir / "meta.json").read_text())
-    operator, measured = case_consistency(meta, np.load(case_dir / "series1.npy"), "box")
+    slabs = SlabCase.open(ws["slab_dir"], sorted(test_ids)[0])
     saved = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{sorted(test_ids)[0]}.nii.gz"))).astype(np.float32)
-    np.testing.assert_allclose(operator.forward(saved), measured, atol=0.6)
-    consistent = operator.project(source.astype(np.float32), measured)
+    np.testing.assert_allclose(slabs.operator.forward(saved), slabs.measured, atol=0.6)
+    consistent = slabs.project(source.astype(np.float32))
     clip = np.clip(consistent, -1000, 1000) - np.clip(target, -1000, 1000)
     assert float(rows[0]["baseline_consistent_mae_hu"]) == pytest.approx(np.abs(clip).mean(), rel=1e-3)
 
 
-def test_raw_model_and_averaged_samples(trained):
+def test_raw_model_and_averaged_samples(trained, tmp_path):
     """consistency=false makes `model` the raw decode; samples=2 averages two draws of the same stream."""
     tmp, params, ws = trained
-    raw = with_evaluate(params, consistency=False, samples=2, bspline_baseline=False)
-    metrics = run_evaluate(raw, ws, tmp / "raw_live", tmp / "raw_pred")
+    raw, raw_ws = resampled(params, ws, tmp_path / "checkpoints", consistency=False, samples=2)
+    raw = with_evaluate(raw, bspline_baseline=False)
+    metrics = run_evaluate(raw, raw_ws, tmp_path / "raw_live", tmp_path / "raw_pred")
     assert {k: v for k, v in metrics["model"].items() if k not in UNCERTAINTY_METRICS} == metrics["model_raw"]
     assert "baseline_bspline" not in metrics
     assert metrics["sampler"]["samples"] == 2
-    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    model = load_trained_model(ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    assert model.sampling.samples == 8 and model.with_sampling(samples=2).sampling.samples == 2
     source = np.load(ws["processed_dir"] / sorted(json.loads(
         (ws["processed_dir"] / "splits.json").read_text())["test"])[0] / "source.npy")
-    one, two = sample_thin(model, params, source, seed=3).mean, sample_thin(model, raw, source, seed=3).mean
+    one = sample_thin(model.with_sampling(samples=1), source, seed=3).mean
+    two = sample_thin(model.with_sampling(samples=2), source, seed=3).mean
     assert not np.allclose(one, two)
 
 
 def test_sampling_is_seeded_and_works_past_the_training_patch(trained, single_torch_thread):  # noqa: F811
     tmp, params, ws = trained
-    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    model = load_trained_model(ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
     # A volume larger than the training patch on every axis, with sizes no multiple of anything.
     source = np.random.default_rng(0).normal(-200, 300, (21, 45, 38)).astype(np.int16)
-    first = sample_thin(model, params, source, seed=7).mean
+    first = sample_thin(model, source, seed=7).mean
     assert first.shape == source.shape and np.isfinite(first).all()
-    np.testing.assert_array_equal(first, sample_thin(model, params, source, seed=7).mean)
-    assert not np.array_equal(first, sample_thin(model, params, source, seed=8).mean)
+    np.testing.assert_array_equal(first, sample_thin(model, source, seed=7).mean)
+    assert not np.array_equal(first, sample_thin(model, source, seed=8).mean)
 
 
 def test_windowed_denoiser_is_the_unet_when_one_window_covers_the_volume():
@@ -145,22 +163,22 @@ def test_windowed_denoiser_is_the_unet_when_one_window_covers_the_volume():
 def test_residual_model_and_decoded_change(tmp_path, single_torch_thread):  # noqa: F811
     """train.residual: the checkpoint carries the gain and evaluate reads samples back as latents;
     decode=change scores every decode as the change it makes to the baseline, the ceiling included."""
-    params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1, residual=True), steps=3, decode="change",
-                           bspline_baseline=False)
+    params = with_evaluate(with_sampling(tiny_params(epochs=1, vae_freeze_epochs=1, residual=True), steps=3,
+                                         decode="change"), bspline_baseline=False)
     ws = workspace(tmp_path, params)
     train(params, **ws, progress=False)
-    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    model = load_trained_model(ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
     assert model.latent_target.residual and 0 < model.latent_target.gain != 1.0  # measured, stored, read back
-    metrics = evaluate(params, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], tmp_path / "live",
-                       tmp_path / "pred", progress=False)
+    metrics = run_evaluate(params, ws, tmp_path / "live", tmp_path / "pred")
     assert metrics["sampler"]["residual"] and metrics["sampler"]["decode"] == "change"
-    case_dir = ws["processed_dir"] / json.loads((ws["processed_dir"] / "splits.json").read_text())["test"][0]
-    source, target = np.load(case_dir / "source.npy"), np.load(case_dir / "target.npy")
+    case_id = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"][0]
+    source, target = np.load(ws["processed_dir"] / case_id / "source.npy"), np.load(ws["processed_dir"] / case_id /
+                                                                                     "target.npy")
     # the change is read against the condition the model was trained with (the default: source projected)
     if model.train_params.condition == "consistent":
-        source = baseline_consistent(Case.open(case_dir), params.evaluate.slab_profile)[0]
-    ceiling = source + vae_round_trip(model.vae, target) - vae_round_trip(model.vae, source)
-    expected = reconstruction_metrics(ceiling, target, params.vae.hu_range)
+        source = np.asarray(SlabCase.open(ws["slab_dir"], case_id).baseline())
+    ceiling = source + model.vae.round_trip(target) - model.vae.round_trip(source)
+    expected = reconstruction_metrics(ceiling, target, params.hu_range)
     assert metrics["vae_ceiling"]["psnr_body"] == pytest.approx(expected["psnr_body"], abs=1e-3)
 
 
@@ -194,7 +212,7 @@ def paint_vessel(case_dir, embolus: bool):
 def test_structure_metrics_for_every_rung_where_cases_have_labels(trained, tmp_path):
     """Two labelled test cases (one APE, one not) and one without labels: each gets what it has."""
     tmp, params, ws = trained
-    processed = tmp_path / "processed"
+    processed = tmp_path / "data" / "processed"
     shutil.copytree(ws["processed_dir"], processed)
     splits = json.loads((processed / "splits.json").read_text())
     ape, healthy, unlabelled = splits["train"][:2] + splits["test"][:1]
@@ -202,8 +220,9 @@ def test_structure_metrics_for_every_rung_where_cases_have_labels(trained, tmp_p
     (processed / "splits.json").write_text(json.dumps(splits))
     paint_vessel(processed / ape, embolus=True)
     paint_vessel(processed / healthy, embolus=False)
+    slab_dir, _ = write_slabs(processed)  # the slab stage rerun on the painted cases
     live_dir = tmp_path / "live"
-    metrics = run_evaluate(params, ws, live_dir, tmp_path / "pred", processed)
+    metrics = run_evaluate(params, ws, live_dir, tmp_path / "pred", processed, slab_dir)
     for rung in RUNG_NAMES:
         assert {CONSPICUITY, FALSE_DEFECTS, "mae_hu_artery", "mae_hu_lung", "mae_hu_embolus"} <= set(metrics[rung])
         assert "mae_hu_bone" not in metrics[rung]  # no case has bone: absent, not zero
@@ -225,24 +244,22 @@ def test_structure_metrics_for_every_rung_where_cases_have_labels(trained, tmp_p
 def test_reference_rung_is_the_stage_network_projected(trained):
     tmp, params, ws = trained
     case_id = json.loads((ws["processed_dir"] / "splits.json").read_text())["test"][0]
-    case_dir = ws["processed_dir"] / case_id
-    target = np.load(case_dir / "target.npy")
-    net = load_reference(params, ws["reference_dir"], torch.device("cpu"))
-    consistent, operator, measured = baseline_consistent(Case.open(case_dir), "box")
-    raw = predict_reference(net, params, consistent)
-    expected = reconstruction_metrics(operator.project(raw, measured), target, params.vae.hu_range)
+    target = np.load(ws["processed_dir"] / case_id / "target.npy")
+    reference = load_reference(ws["reference_dir"], torch.device("cpu"))
+    slabs = SlabCase.open(ws["slab_dir"], case_id)
+    raw = reference.predict(slabs.baseline())
+    expected = reconstruction_metrics(slabs.project(raw), target, params.hu_range)
     metrics = run_evaluate(params, ws, tmp / "ref_live", tmp / "ref_pred")
     assert metrics["reference"]["psnr_body"] == pytest.approx(expected["psnr_body"], abs=1e-3)
 
 
 def test_a_model_conditioned_on_the_consistent_baseline_is_evaluated_on_val(tmp_path, single_torch_thread):  # noqa: F811
     """The lever of train.condition, measured as levers are: on the val split, never the test split."""
-    params = with_evaluate(tiny_params(epochs=1, vae_freeze_epochs=1, condition="consistent"), steps=2, samples=2,
-                           split="val", decode="change", bspline_baseline=False)
+    params = with_evaluate(with_sampling(tiny_params(epochs=1, vae_freeze_epochs=1, condition="consistent"), steps=2,
+                                         samples=2, decode="change"), split="val", bspline_baseline=False)
     ws = workspace(tmp_path, params)
     train(params, **ws, progress=False)
-    metrics = evaluate(params, ws["processed_dir"], ws["vae_dir"], ws["ckpt_dir"], tmp_path / "live",
-                       tmp_path / "pred", progress=False)
+    metrics = run_evaluate(params, ws, tmp_path / "live", tmp_path / "pred")
     assert metrics["split"] == "val" and metrics["sampler"]["condition"] == "consistent"
     val_ids = json.loads((ws["processed_dir"] / "splits.json").read_text())["val"]
     with open(tmp_path / "live" / "per_case.csv") as f:

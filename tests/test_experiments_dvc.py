@@ -17,7 +17,8 @@ from ctdiff.evaluation.rungs import RUNG_NAMES
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate")
+STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
+          "evaluate")
 CONTRACT = {"psnr", "ssim", "mae_hu", "psnr_body", "ssim_body", "mae_hu_body"}
 TINY = {
     "data.phantom.n_cases": 10,
@@ -46,7 +47,7 @@ TINY = {
     "sr_reference.patches_per_volume": 2,
     "sr_reference.channels": [4, 8],
     "sr_reference.strides": [2],
-    "evaluate.steps": 3,
+    "train.sampling.steps": 3,
 }
 FINDINGS = ("embolus_conspicuity", "false_defect_fraction", "mae_hu_artery")
 

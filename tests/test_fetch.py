@@ -17,17 +17,17 @@ import huggingface_hub.constants
 import pytest
 import yaml
 from hf_fakes import COMMIT, FAKE_TOKEN, REPO  # fixtures hf_env and fake_hub: conftest.py
+from paramkit import merged_params
 
 from ctdiff.data import fetch as fetch_module
 from ctdiff.data.fetch import DataFetchError, fetch_data, find_zips, link_or_copy
 from ctdiff.data.phantom import write_phantom_dataset
-from ctdiff.params import params_from_dict
 
 TINY_PHANTOM = {"n_cases": 3, "shape": [10, 32, 32], "pixel_mm": 10.0}
 
 
 def _params(**data):
-    return params_from_dict({"seed": 1, "data": data})
+    return merged_params({"seed": 1, "data": data})
 
 
 @pytest.fixture(scope="module")

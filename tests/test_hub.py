@@ -32,9 +32,9 @@ from ctdiff.models.vae.maisi import maisi_config
 from ctdiff.models.vae.sd import sd_scratch_config
 from ctdiff.models.vae.weights import (
     MAISI_WEIGHTS,
+    ORIGIN_JSON,
     SD_CONFIG,
     SD_WEIGHTS,
-    SOURCE_JSON,
     WeightsError,
     fetch_pretrained,
     new_codec,
@@ -55,7 +55,7 @@ def offline(monkeypatch):
 
 def _maisi_state_dict() -> dict[str, torch.Tensor]:
     vae = as_params(tiny_params(use_maisi=True, pretrained=True)).vae
-    return new_codec(vae, maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict()
+    return new_codec(vae, (-1000.0, 1000.0), maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict()
 
 
 def _torch_bytes(obj: object) -> bytes:
@@ -83,12 +83,12 @@ def test_maisi_found_offline_verified_and_loaded(tmp_path, offline):
 
     record, notes = fetch_pretrained(vae, out, cache)
 
-    assert record == {"source": "hub", "codec": "maisi", "repo": MAISI_REPO, "revision": COMMIT,
+    assert record == {"origin": "hub", "codec": "maisi", "repo": MAISI_REPO, "revision": COMMIT,
                       "files": {MAISI_WEIGHTS: hashes[MAISI_FILE]}}
     assert notes == []
-    assert json.loads((out / SOURCE_JSON).read_text()) == record
+    assert json.loads((out / ORIGIN_JSON).read_text()) == record
     assert hashlib.sha256((out / MAISI_WEIGHTS).read_bytes()).hexdigest() == hashes[MAISI_FILE]
-    codec = pretrained_codec(vae, out)
+    codec = pretrained_codec(vae, (-1000.0, 1000.0), out)
     assert codec.latent_shape((16, 16, 16)) == (4, 4, 4, 4)
 
 
@@ -104,7 +104,7 @@ def test_sd_found_offline_and_unpinned_config_hash_is_reported(tmp_path, offline
     assert record["files"] == {SD_CONFIG: hashes[SD_CONFIG], SD_WEIGHTS: hashes[SD_WEIGHTS]}
     assert len(notes) == 1
     assert hashes[SD_CONFIG] in notes[0] and f"-S vae.sd.hub.config_sha256={hashes[SD_CONFIG]}" in notes[0]
-    assert pretrained_codec(vae, out).downsample == (1, 8, 8)
+    assert pretrained_codec(vae, (-1000.0, 1000.0), out).downsample == (1, 8, 8)
 
 
 def test_tampered_file_is_refused_and_nothing_written(tmp_path, offline):
@@ -176,8 +176,8 @@ def test_offline_with_empty_cache_fails_fast_naming_the_switch(tmp_path, offline
 
 def test_scratch_records_scratch_without_touching_the_hub(tmp_path, offline):
     record, notes = fetch_pretrained(as_params(tiny_params(use_maisi=True)).vae, tmp_path / "p", tmp_path / "none")
-    assert record == {"source": "scratch", "codec": "maisi"} and notes == []
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [SOURCE_JSON]
+    assert record == {"origin": "scratch", "codec": "maisi"} and notes == []
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [ORIGIN_JSON]
 
 
 def _run_stage(cwd: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:

@@ -5,13 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
+from paramkit import merged_params, phantom_params
 
 from ctdiff.data.fetch import fetch_data
 from ctdiff.data.grid import Grid
 from ctdiff.data.labels import labels_path, read_case_labels, write_case_labels
 from ctdiff.data.phantom import TISSUE_CLASSES, Tissue, ape_case_numbers, make_case
 from ctdiff.data.preprocess import preprocess
-from ctdiff.params import PhantomParams, params_from_dict
 
 SEED = 0
 # Overlapping thick slabs (4 mm apart, 5 mm thick) over 22 thin slices: preprocess crops series 2 to the
@@ -20,7 +20,7 @@ PHANTOM = {"n_cases": 3, "shape": [22, 40, 40], "pixel_mm": 1.6, "thick_spacing_
 
 
 def params(**preprocess):
-    return params_from_dict({"seed": SEED, "data": {"source": "phantom", "phantom": PHANTOM},
+    return merged_params({"seed": SEED, "data": {"source": "phantom", "phantom": PHANTOM},
                              "preprocess": {"workers": 1, "min_cases": 1, **preprocess}})
 
 
@@ -32,7 +32,7 @@ def raw(tmp_path_factory):
 
 
 def phantom_case(number):
-    p = PhantomParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in PHANTOM.items()})
+    p = phantom_params(**{k: tuple(v) if isinstance(v, list) else v for k, v in PHANTOM.items()})
     return make_case(number, p, SEED, ape=number in ape_case_numbers(p, SEED))
 
 
@@ -112,7 +112,7 @@ def test_a_local_source_with_label_maps_brings_them_along(raw, tmp_path):
     shutil.copytree(raw, source)
     labels_path(source, "case_003").unlink()  # one case without a map
     raw_dir = tmp_path / "data" / "raw"
-    fetch_data(params_from_dict({"data": {"source": "local", "local_dir": str(source)}}), raw_dir)
+    fetch_data(merged_params({"data": {"source": "local", "local_dir": str(source)}}), raw_dir)
     assert sorted(p.name for p in (raw_dir / "labels").iterdir()) == ["case_001.nii.gz", "case_002.nii.gz",
                                                                        "classes.json"]
     out = tmp_path / "processed"
@@ -120,5 +120,5 @@ def test_a_local_source_with_label_maps_brings_them_along(raw, tmp_path):
     assert (out / "case_001" / "labels.npy").is_file() and not (out / "case_003" / "labels.npy").exists()
     # Without the class table the maps mean nothing: none is linked.
     (source / "labels" / "classes.json").unlink()
-    fetch_data(params_from_dict({"data": {"source": "local", "local_dir": str(source)}}), raw_dir)
+    fetch_data(merged_params({"data": {"source": "local", "local_dir": str(source)}}), raw_dir)
     assert not (raw_dir / "labels").exists()

@@ -1,4 +1,5 @@
-"""The VAE adapter, the latent cache and patch sampling, with small real codecs of both families."""
+"""The VAE interface as training uses it, the latent cache and patch sampling, with small real codecs of both
+families."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from vae_helpers import single_torch_thread, write_processed  # noqa: F401  (fix
 
 from ctdiff.data.processed import split_cases
 from ctdiff.models.denoiser import latent_patch_shape
-from ctdiff.models.vae.adapter import VaeAdapter
+from ctdiff.models.vae.weights import load_vae
 from ctdiff.params import ParamsError
 from ctdiff.training.latents import LatentCache, PatchSampler, cut_patch, epoch_order, rank_batches, recon_block
 
@@ -20,7 +21,7 @@ def setup(request, tmp_path):
     params = tiny_params(use_maisi=request.param)
     processed = write_processed(tmp_path / "processed", n_train=2, n_val=0, shape=SHAPE, target_hu=smooth_field,
                                 source_slices=5)
-    vae = VaeAdapter.load(write_vae(tmp_path / "vae", params), params.vae, "cpu")
+    vae = load_vae(write_vae(tmp_path / "vae", params), "cpu")
     return params, vae, split_cases(processed, "train")
 
 
@@ -28,8 +29,8 @@ def test_posterior_mean_is_the_codecs_own_latent(setup):
     _, vae, cases = setup
     hu = torch.from_numpy(cases[0].load("target").astype(np.float32))[None, None]
     post = vae.encode_posterior_hu(hu)
-    assert post.mean.shape == (1, *vae.codec.latent_shape(hu.shape[2:]))
-    torch.testing.assert_close(post.mean, vae.codec.encode_hu(hu), rtol=1e-4, atol=1e-5)
+    assert post.mean.shape == (1, *vae.latent_shape(hu.shape[2:]))
+    torch.testing.assert_close(post.mean, vae.encode_hu(hu), rtol=1e-4, atol=1e-5)
     assert (post.std > 0).all()
     # the differentiable patch encoder used while fine-tuning agrees with the no-grad one
     patch = vae.posterior_x01(vae.hu_to_x01(hu))
@@ -43,9 +44,9 @@ def test_training_decode_is_the_codecs_decode_with_gradients_to_the_decoder(setu
     post = vae.encode_posterior_hu(hu)
     assert vae.kl(post).ndim == 0 and vae.kl(post) >= 0
     vae.set_trainable("decoder")
-    recon01 = vae.decode_x01_train(post.mean)
+    recon01 = vae.decode_x01(post.mean)
     assert recon01.shape == hu.shape and recon01.requires_grad
-    torch.testing.assert_close(vae.codec.x01_to_hu(recon01.detach()), vae.decode_hu(post.mean, hu.shape[2:]),
+    torch.testing.assert_close(vae.x01_to_hu(recon01.detach()), vae.decode_hu(post.mean, hu.shape[2:]),
                                rtol=0, atol=0.01)  # HU; slice batches differ in float rounding only
     recon01.mean().backward()
     with_grad = {name for name, p in vae.module.named_parameters() if p.grad is not None}
@@ -67,7 +68,7 @@ def test_recon_block_is_a_random_block_of_the_patch_and_its_image_slices(setup):
         torch.testing.assert_close(image, x01[:, :, start * fd:(start + 2) * fd], rtol=0, atol=0)
         starts.add(start)
         # what the loss decodes: the block's own reconstruction, the same shape as its image slices
-        assert vae.decode_x01_train(block).shape == image.shape
+        assert vae.decode_x01(block).shape == image.shape
     assert len(starts) > 1  # random, not always the first slices
     whole, whole_image = recon_block(latent, x01, vae.downsample, 0, rng)
     assert whole is latent and whole_image is x01

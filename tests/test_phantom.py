@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from paramkit import merged_params, phantom_params
 
 from ctdiff.data.phantom import (
     HU_AIR,
@@ -23,13 +24,13 @@ from ctdiff.data.phantom import (
     write_case_zip,
     write_phantom_dataset,
 )
-from ctdiff.params import ParamsError, PhantomParams, params_from_dict
+from ctdiff.params import ParamsError, PhantomParams
 
 SEED = 7
 # The default mode (adult anatomy, 0.8 mm pixels, crop centred on a hilum) on a smaller crop.
-SMALL = PhantomParams(n_cases=3, shape=(24, 48, 48))
+SMALL = phantom_params(n_cases=3, shape=(24, 48, 48))
 # The whole-chest, low-resolution mode: a 320 mm field of view centred on the body.
-WHOLE = PhantomParams(n_cases=3, shape=(24, 64, 64), pixel_mm=5.0, centre="body")
+WHOLE = phantom_params(n_cases=3, shape=(24, 64, 64), pixel_mm=5.0, centre="body")
 MEDIASTINUM = [Tissue.FAT, Tissue.SOFT_TISSUE, Tissue.BLOOD, Tissue.HEART]
 
 
@@ -212,7 +213,7 @@ def test_ape_cases_have_filling_defects_inside_arteries_and_non_ape_none(number)
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels(tmp_path):
-    p = PhantomParams(n_cases=2, shape=(10, 32, 32), pixel_mm=10.0)
+    p = phantom_params(n_cases=2, shape=(10, 32, 32), pixel_mm=10.0)
     first = write_phantom_dataset(tmp_path / "a", p, seed=3)
     again = write_phantom_dataset(tmp_path / "b", p, seed=3)
     other = write_phantom_dataset(tmp_path / "c", p, seed=4)
@@ -235,17 +236,17 @@ def test_patients_vary_but_ape_and_healthy_twins_share_anatomy():
 
 def test_slab_must_hold_whole_thin_slices():
     with pytest.raises(ParamsError, match="whole multiple of thin_mm"):
-        PhantomParams(thin_mm=1.0, thick_mm=2.5)
+        phantom_params(thin_mm=1.0, thick_mm=2.5)
     with pytest.raises(ValueError, match="cannot hold one"):
-        make_case(1, PhantomParams(shape=(4, 32, 32), pixel_mm=10.0), SEED, ape=False)
+        make_case(1, phantom_params(shape=(4, 32, 32), pixel_mm=10.0), SEED, ape=False)
 
 
 # ------------------------------------------------------------------------ CT-scale anatomy and crops
 def test_anatomy_is_adult_sized_whatever_the_pixel_size():
     """The same patient at two pixel sizes over the same field of view: the artery lumen has the same
     size in mm (not in pixels), and so has the body in the whole-chest mode."""
-    fine = make_case(1, PhantomParams(shape=(24, 96, 96), pixel_mm=0.8), SEED, ape=False)
-    coarse = make_case(1, PhantomParams(shape=(24, 48, 48), pixel_mm=1.6), SEED, ape=False)
+    fine = make_case(1, phantom_params(shape=(24, 96, 96), pixel_mm=0.8), SEED, ape=False)
+    coarse = make_case(1, phantom_params(shape=(24, 48, 48), pixel_mm=1.6), SEED, ape=False)
     assert fine.crop_centre_mm == pytest.approx(coarse.crop_centre_mm)
     k = fine.truth_hu.shape[0] // 2
 
@@ -262,15 +263,15 @@ def test_anatomy_is_adult_sized_whatever_the_pixel_size():
 
     width = body_width_mm(WHOLE)
     assert 250 <= width <= 300  # 2 * (128..148 mm) at body_mm = 320
-    assert body_width_mm(PhantomParams(shape=(24, 128, 128), pixel_mm=2.5, centre="body")) == pytest.approx(width,
+    assert body_width_mm(phantom_params(shape=(24, 128, 128), pixel_mm=2.5, centre="body")) == pytest.approx(width,
                                                                                                         abs=5.0)
-    assert body_width_mm(PhantomParams(shape=(24, 64, 64), pixel_mm=2.5, centre="body", body_mm=160.0)) == (
+    assert body_width_mm(phantom_params(shape=(24, 64, 64), pixel_mm=2.5, centre="body", body_mm=160.0)) == (
         pytest.approx(width / 2, abs=5.0))
 
 
 @pytest.mark.parametrize("number", [1, 2, 3])
 def test_default_crop_shows_hilar_arteries_lung_and_mediastinum(number):
-    case = make_case(number, PhantomParams(), SEED, ape=False)
+    case = make_case(number, phantom_params(), SEED, ape=False)
     assert case.truth_hu.shape == (48, 96, 96) and case.thin_spacing_mm == (0.8, 0.8, 1.0)
     assert case.view in ("left hilum", "right hilum")
     labels, hu = case.labels, case.truth_hu
@@ -300,13 +301,13 @@ def test_both_hila_are_chosen_and_the_crop_can_be_placed():
     assert body.view == "body" and shifted.view == "30, -20 mm from body"
     assert np.subtract(shifted.crop_centre_mm, body.crop_centre_mm) == pytest.approx((30.0, -20.0, 0.0), abs=0.02)
     assert body.truth_hu.shape == shifted.truth_hu.shape == SMALL.shape
-    assert params_from_dict({"data": {"phantom": {"centre": [30, -20]}}}).data.phantom.centre == (30.0, -20.0)
+    assert merged_params({"data": {"phantom": {"centre": [30, -20]}}}).data.phantom.centre == (30.0, -20.0)
 
 
-@pytest.mark.parametrize("number", sorted(ape_case_numbers(PhantomParams(), SEED))[:2])
+@pytest.mark.parametrize("number", sorted(ape_case_numbers(phantom_params(), SEED))[:2])
 def test_default_ape_cases_have_emboli_inside_the_crop(number):
-    ape = make_case(number, PhantomParams(), SEED, ape=True)
-    healthy = make_case(number, PhantomParams(), SEED, ape=False)
+    ape = make_case(number, phantom_params(), SEED, ape=True)
+    healthy = make_case(number, phantom_params(), SEED, ape=False)
     emboli = ape.labels == Tissue.EMBOLUS
     assert ape.n_emboli >= 1 and emboli.sum() >= 20  # several voxels at 0.8 mm
     assert np.all(healthy.labels[emboli] == Tissue.ARTERY)
@@ -314,7 +315,7 @@ def test_default_ape_cases_have_emboli_inside_the_crop(number):
 
 
 def test_whole_chest_mode_still_works():
-    p = PhantomParams(n_cases=3, shape=(48, 64, 64), pixel_mm=5.0, centre="body")
+    p = phantom_params(n_cases=3, shape=(48, 64, 64), pixel_mm=5.0, centre="body")
     case = make_case(1, p, SEED, ape=True)
     assert case.view == "body" and case.n_emboli >= 1 and (case.labels == Tissue.EMBOLUS).any()
     assert np.all(case.truth_hu[:, :2, :] == HU_AIR) and np.all(case.truth_hu[:, :, -2:] == HU_AIR)
@@ -328,16 +329,16 @@ def test_whole_chest_mode_still_works():
 def test_bad_crop_and_spacing_values_name_the_key():
     for value in (2.5, 0.5, -5.0):  # not whole thin slices, under one thin slice, negative
         with pytest.raises(ParamsError, match="data.phantom.thick_spacing_mm"):
-            PhantomParams(thick_spacing_mm=value)
+            phantom_params(thick_spacing_mm=value)
     with pytest.raises(ParamsError, match="data.phantom.thick_spacing_mm"):
-        params_from_dict({"data": {"phantom": {"thick_spacing_mm": 1.5}}})
+        merged_params({"data": {"phantom": {"thick_spacing_mm": 1.5}}})
     for centre in ("lung", (1.0, 2.0, 3.0), (float("nan"), 0.0)):
         with pytest.raises(ParamsError, match="data.phantom.centre"):
-            PhantomParams(centre=centre)
+            phantom_params(centre=centre)
     with pytest.raises(ParamsError, match="data.phantom.centre"):
-        params_from_dict({"data": {"phantom": {"centre": "lung"}}})
+        merged_params({"data": {"phantom": {"centre": "lung"}}})
     with pytest.raises(ParamsError, match="data.phantom.body_mm"):
-        PhantomParams(body_mm=0.0)
+        phantom_params(body_mm=0.0)
 
 
 @pytest.mark.parametrize(("spacing", "starts"), [(2.0, range(0, 19, 2)), (7.0, (2, 9, 16)), (5.0, (2, 7, 12, 17))])

@@ -28,8 +28,9 @@ from ctdiff.data.processed import read_splits
 from ctdiff.evaluation.evaluate import evaluate
 from ctdiff.inference.predict import predict_inputs, thin_grid
 from ctdiff.inference.sampling import load_trained_model
-from ctdiff.params import params_from_dict, to_dict
+from ctdiff.params import params_from_dict, to_dict, with_overrides
 from ctdiff.training.ldm import train
+from ctdiff.training.slab import run_slab_stage
 
 REPO = Path(__file__).resolve().parents[1]
 DCIODVFY = shutil.which("dciodvfy")
@@ -38,13 +39,13 @@ needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None and not os.environ.get("CI"
                                     reason="dciodvfy (Debian's dicom3tools) is not installed")
 
 
-def workspace_params(**evaluate):
-    raw = to_dict(tiny_params(epochs=1, vae_freeze_epochs=1))
-    raw["data"]["phantom"].update({"n_cases": 5, "shape": [30, 32, 32], "pixel_mm": 8.0, "centre": "body"})
-    raw["preprocess"].update({"workers": 1, "min_cases": 3})
-    raw["evaluate"].update({"steps": 2, "samples": 2, "bspline_baseline": False, **evaluate})
-    raw["train"]["device"] = "cpu"
-    return params_from_dict(raw)
+def workspace_params():
+    # train_seed unlike seed: predict draws with train_seed, as evaluate does (a test would not see it if both were 0)
+    return with_overrides(tiny_params(epochs=1, vae_freeze_epochs=1), {
+        "seed": 0, "train_seed": 5, "device": "cpu",
+        "data.phantom.n_cases": 5, "data.phantom.shape": [30, 32, 32], "data.phantom.pixel_mm": 8.0,
+        "data.phantom.centre": "body", "preprocess.workers": 1, "preprocess.min_cases": 3,
+        "train.sampling.steps": 2, "train.sampling.samples": 2, "evaluate.bspline_baseline": False})
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,14 @@ def ws(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
     fetch_data(params, root / "data" / "raw")
     preprocess(params, root / "data" / "raw", root / "data" / "processed", progress=False)
+    run_slab_stage(params, root / "data" / "processed", root / "models" / "slab", root / "data" / "slab", None,
+                   progress=False)
     write_vae(root / "models" / "vae", params)
-    train(params, root / "data" / "processed", root / "models" / "vae", root / "models" / "checkpoints",
-          root / "dvclive" / "train", progress=False)
-    evaluate(params, root / "data" / "processed", root / "models" / "vae", root / "models" / "checkpoints",
-             root / "dvclive" / "evaluate", root / "data" / "predictions", progress=False)
+    train(params, root / "data" / "processed", root / "data" / "slab", root / "models" / "slab",
+          root / "models" / "vae", root / "models" / "checkpoints", root / "dvclive" / "train", progress=False)
+    evaluate(params, root / "data" / "processed", root / "data" / "slab", root / "models" / "vae",
+             root / "models" / "checkpoints", root / "dvclive" / "evaluate", root / "data" / "predictions",
+             progress=False)
     case_id = read_splits(root / "data" / "processed")["test"][0]
     zip_path = next((root / "data" / "raw").rglob(f"{case_id}.zip"))
     return root, params, case_id, zip_path
@@ -79,9 +83,10 @@ def series_file(zip_path: Path, folder: str) -> pydicom.Dataset:
 
 def test_a_test_case_predicts_what_evaluate_scored_and_opens_as_one_dicom_series(ws, tmp_path):
     root, params, case_id, zip_path = ws
-    model = load_trained_model(params, root / "models" / "vae", root / "models" / "checkpoints", torch.device("cpu"))
+    model = load_trained_model(root / "models" / "vae", root / "models" / "checkpoints", torch.device("cpu"))
+    assert model.sampling.samples == 2 and model.sampling.steps == 2  # the model carries how it samples
     out = tmp_path / "out"
-    (outcome,) = predict_inputs([zip_path], out, model, params, params.seed, progress=False)
+    (outcome,) = predict_inputs([zip_path], out, model, params, params.train_seed, progress=False)
     assert not outcome.error and sorted(p.name for p in outcome.written) == [
         case_id, f"{case_id}.nii.gz", f"{case_id}_std.nii.gz"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in outcome.written)  # no temporaries
@@ -92,6 +97,11 @@ def test_a_test_case_predicts_what_evaluate_scored_and_opens_as_one_dicom_series
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(evaluated))
     for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         np.testing.assert_allclose(getattr(ours, get)(), getattr(evaluated, get)(), atol=1e-4)
+    # The command a user runs draws with the same default seed (params train_seed) and the model's sampling.
+    result = run_cli(root, str(zip_path), "--out", str(tmp_path / "cli"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cli" / f"{case_id}.nii.gz"))),
+                                  sitk.GetArrayFromImage(evaluated))
 
     # The DICOM series: one series for SimpleITK, HU within 1 of the NIfTI, the thin grid's geometry.
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(out / case_id))

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from paramkit import merged_params
 from pydicom.uid import generate_uid
 
 from ctdiff.data.dicom_write import SeriesSpec, encode_series
 from ctdiff.data.grid import AIR_HU, Grid
 from ctdiff.data.preprocess import PreprocessError, assign_splits, preprocess
-from ctdiff.params import SplitParams, params_from_dict
+from ctdiff.params import SplitParams
 
 PHI = {
     "patient_name": "Zhang^Wei^Secret",
@@ -60,7 +61,7 @@ TRAIN_ONLY = {"train": 1.0, "val": 0.0, "test": 0.0}  # one case can fill it
 
 
 def make_params(**preprocess):
-    return params_from_dict({"preprocess": {"workers": 1, "min_cases": 1, "min_slices": 3, **preprocess}})
+    return merged_params({"preprocess": {"workers": 1, "min_cases": 1, "min_slices": 3, **preprocess}})
 
 
 @pytest.fixture
@@ -216,5 +217,5 @@ def test_too_few_cases_for_the_splits_fail_at_once_naming_fractions_and_counts(t
     for name in ("case_001", "case_002"):
         (raw / f"{name}.zip").write_bytes(b"not read: the stage stops before opening any zip")
     with pytest.raises(PreprocessError, match="cannot fill the 3 splits"):
-        preprocess(params_from_dict({}), tmp_path / "raw", tmp_path / "processed", progress=False)
+        preprocess(merged_params({}), tmp_path / "raw", tmp_path / "processed", progress=False)
     assert not (tmp_path / "processed").exists()

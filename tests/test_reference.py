@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from paramkit import repo_params
 from test_train import sigterm_mid_epoch
 from trainkit import smooth_field
-from vae_helpers import single_torch_thread, write_processed  # noqa: F401  (fixture)
+from vae_helpers import single_torch_thread, write_processed, write_slabs  # noqa: F401  (fixture)
 
 from ctdiff.data.intensity import to_x01
-from ctdiff.data.processed import Case, DataError
-from ctdiff.data.slab import baseline_consistent
+from ctdiff.data.slab import SlabCase, SliceProfile
 from ctdiff.models.checkpoint import load_checkpoint
 from ctdiff.models.reference import build_reference_net, load_reference, predict_reference
-from ctdiff.params import Params, params_from_dict, to_dict
+from ctdiff.params import Params, to_dict
 from ctdiff.training.reference import train_reference
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -29,17 +29,19 @@ def tiny_params(**sr_reference: Any) -> Params:
     defaults: dict[str, Any] = {
         "epochs": 2, "batch_size": 2, "patches_per_volume": 2, "patch": [8, 16, 16], "lr": 3e-3,
         "warmup_steps": 2, "channels": [4, 8], "strides": [2], "window_batch": 4, "checkpoint_every": 2,
-        "device": "cpu",
     }
     defaults.update(sr_reference)
-    return params_from_dict({"seed": 0, "sr_reference": defaults})
+    return repo_params({"seed": 0, "train_seed": 0, "device": "cpu",
+                        **{f"sr_reference.{k}": v for k, v in defaults.items()}})
 
 
 def workspace(root: Path) -> dict[str, Path]:
-    """processed data (3 train, 1 val, 1 test case) under ``root``; the paths :func:`train_reference` takes."""
+    """processed data (3 train, 1 val, 1 test case) and its slabs under ``root``; the paths :func:`train_reference`
+    takes."""
     processed = write_processed(root / "data" / "processed", n_train=3, n_val=1, n_test=1, shape=SHAPE,
                                 target_hu=smooth_field, source_slices=5, series1_slices=4)
-    return {"processed_dir": processed, "ckpt_dir": root / "models" / "sr_reference",
+    slab_dir, _ = write_slabs(processed)
+    return {"processed_dir": processed, "slab_dir": slab_dir, "ckpt_dir": root / "models" / "sr_reference",
             "live_dir": root / "dvclive" / "sr_reference"}
 
 
@@ -47,8 +49,8 @@ def run(params: Params, ws: dict[str, Path]):
     return train_reference(params, **ws, progress=False)
 
 
-def case_input(processed: Path, case_id: str, params: Params) -> np.ndarray:
-    return baseline_consistent(Case.open(processed / case_id), params.evaluate.slab_profile)[0]
+def case_input(ws: dict[str, Path], case_id: str) -> np.ndarray:
+    return np.asarray(SlabCase.open(ws["slab_dir"], case_id).baseline())
 
 
 def test_training_lowers_the_loss_and_beats_its_input_on_val(tmp_path):
@@ -85,15 +87,15 @@ def trained(tmp_path_factory) -> tuple[Params, dict[str, Path]]:
 @pytest.mark.parametrize("shape", [(11, 13, 9), (19, 37, 21), (8, 16, 16)])
 def test_predict_reference_takes_any_shape(trained, shape):
     params, ws = trained
-    net = load_reference(params, ws["ckpt_dir"], torch.device("cpu"))
+    reference = load_reference(ws["ckpt_dir"], torch.device("cpu"))
     volume_hu = smooth_field(shape, seed=7)
-    out = predict_reference(net, params, volume_hu)
+    out = reference.predict(volume_hu)
     assert out.shape == shape and out.dtype == np.float32 and np.isfinite(out).all()
     assert not np.allclose(out, volume_hu)  # a trained network changes its input
     if shape == tuple(params.sr_reference.patch):  # one window: exactly input + the network's residual in HU
-        low, high = params.vae.hu_range
+        low, high = params.hu_range
         with torch.no_grad():
-            residual01 = net(to_x01(volume_hu, (low, high))[None, None])[0, 0].numpy()
+            residual01 = reference.net(to_x01(volume_hu, (low, high))[None, None])[0, 0].numpy()
         np.testing.assert_allclose(out, volume_hu + residual01 * (high - low), rtol=1e-5, atol=1e-3)
 
 
@@ -101,43 +103,42 @@ def test_an_untrained_network_returns_its_input():
     """The top layer starts at zero: before training the reference is the baseline, not noise."""
     params = tiny_params()
     volume_hu = smooth_field((11, 20, 18), seed=3)
-    np.testing.assert_array_equal(predict_reference(build_reference_net(params.sr_reference).eval(), params,
-                                                    volume_hu), volume_hu)
+    np.testing.assert_array_equal(predict_reference(build_reference_net(params.sr_reference).eval(),
+                                                    params.sr_reference, params.hu_range, volume_hu), volume_hu)
 
 
 def test_load_reference_round_trip(trained, tmp_path):
     params, ws = trained
-    net = load_reference(params, ws["ckpt_dir"], torch.device("cpu"))
-    assert not net.training
+    reference = load_reference(ws["ckpt_dir"], torch.device("cpu"))
+    assert not reference.net.training
     best = load_checkpoint(ws["ckpt_dir"] / "best.pt")["net"]
-    for key, value in net.state_dict().items():
+    for key, value in reference.net.state_dict().items():
         torch.testing.assert_close(value, best[key])
-    volume_hu = case_input(ws["processed_dir"], "case_003", params)  # the val case
-    np.testing.assert_array_equal(predict_reference(net, params, volume_hu),
-                                  predict_reference(load_reference(params, ws["ckpt_dir"], torch.device("cpu")),
-                                                    params, volume_hu))
+    # the checkpoint carries how it runs and what its input was, not the params of the day
+    assert reference.params == params.sr_reference and reference.hu_range == params.hu_range
+    assert reference.profile_digest == SliceProfile.named("box").digest
+    volume_hu = case_input(ws, "case_003")  # the val case
+    np.testing.assert_array_equal(reference.predict(volume_hu),
+                                  load_reference(ws["ckpt_dir"], torch.device("cpu")).predict(volume_hu))
     with pytest.raises(FileNotFoundError, match="run the sr_reference stage"):
-        load_reference(params, tmp_path / "nothing", torch.device("cpu"))
-    other = tiny_params(channels=[4, 16])
-    with pytest.raises(RuntimeError, match=r"channels.*rerun the sr_reference stage"):
-        load_reference(other, ws["ckpt_dir"], torch.device("cpu"))
+        load_reference(tmp_path / "nothing", torch.device("cpu"))
 
 
 def test_reference_input_is_the_slab_consistent_baseline(trained):
     """The input agrees with what series 1 measured: its slab means are series 1's slices."""
     params, ws = trained
     folder = ws["processed_dir"] / "case_000"
-    baseline = case_input(ws["processed_dir"], "case_000", params)
+    baseline = case_input(ws, "case_000")
     series1 = np.load(folder / "series1.npy").astype(np.float32)
     assert baseline.dtype == np.float32 and baseline.shape == SHAPE
     # series 1 here is the mean of each slab of 4 thin slices (rounded to whole HU)
     np.testing.assert_allclose(baseline.reshape(4, 4, *SHAPE[1:]).mean(axis=1), series1, atol=1e-3)
 
 
-def test_missing_series1_names_the_case_and_the_fix(tmp_path):
+def test_missing_slabs_name_the_case_and_the_fix(tmp_path):
     ws = workspace(tmp_path)
-    (ws["processed_dir"] / "case_001" / "series1.npy").unlink()
-    with pytest.raises(DataError, match="case_001.*series1.npy not found: rerun the preprocess stage"):
+    (ws["slab_dir"] / "case_001" / "slabs.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="case_001.*slabs.npz not found: run the slab stage"):
         run(tiny_params(), ws)
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from paramkit import merged_params
 from pydicom.uid import generate_uid
 
 from ctdiff.data.dicom_write import SeriesSpec, encode_series
 from ctdiff.data.grid import Grid
 from ctdiff.data.preprocess import preprocess
 from ctdiff.data.slab import SlabOperator
-from ctdiff.params import params_from_dict
 
 
 def random_volume(shape, seed=0, scale=300.0):
@@ -153,7 +153,7 @@ def test_operator_from_processed_meta_reproduces_series_1(tmp_path, n, stride):
         z, y, x = np.meshgrid(np.arange(33), np.arange(12), np.arange(14), indexing="ij")
         thin = 40.0 + 300.0 * np.sin(0.4 * z + 0.3 * x + i) * np.cos(0.2 * y) + rng.normal(0, 20, z.shape)
         _slab_average_case(raw / category / f"case_{i + 1:03d}.zip", np.rint(thin), n, stride)
-    params = params_from_dict({"preprocess": {"workers": 1, "min_slices": 2}})
+    params = merged_params({"preprocess": {"workers": 1, "min_slices": 2}})
     preprocess(params, raw, tmp_path / "processed", progress=False)
     for case_dir in sorted((tmp_path / "processed").glob("case_*")):
         meta = json.loads((case_dir / "meta.json").read_text())

@@ -14,13 +14,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from trainkit import tiny_params, workspace
-from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
+from vae_helpers import single_torch_thread, write_slabs  # noqa: F401  (fixture)
 
+from ctdiff.models.checkpoint import read_model_card
 from ctdiff.models.denoiser import build_unet
 from ctdiff.models.diffusion import sample, sampling_scheduler
-from ctdiff.models.vae.weights import read_maisi_checkpoint
-from ctdiff.params import to_dict
-from ctdiff.training.latents import VaeAdapter, cut_patch
+from ctdiff.models.vae.weights import load_vae, read_maisi_checkpoint
+from ctdiff.params import to_dict, with_overrides
+from ctdiff.training.latents import cut_patch
 from ctdiff.training.ldm import TrainingDiverged, train
 from ctdiff.training.scaffold import load_checkpoint
 
@@ -131,9 +132,11 @@ def test_changed_params_start_fresh_and_say_why(tmp_path):
     params = tiny_params(epochs=1, vae_freeze_epochs=1)
     ws = workspace(tmp_path, params)
     run(params, ws)
-    same_model_other_device = tiny_params(epochs=1, vae_freeze_epochs=1, device="cpu", checkpoint_every=5)
-    again = run(same_model_other_device, ws)
+    same_model_other_run = with_overrides(tiny_params(epochs=1, vae_freeze_epochs=1, checkpoint_every=5),
+                                          {"device": "cpu", "train.sampling.steps": 7})
+    again = run(same_model_other_run, ws)
     assert again.start_step == again.steps > 0  # nothing to do: already complete
+    assert read_model_card(ws["ckpt_dir"])["sampling"]["steps"] == 7  # but how it is sampled is written again
     changed = tiny_params(epochs=1, vae_freeze_epochs=1, lr=2e-3)
     fresh = run(changed, ws)
     assert fresh.start_step == 0 and fresh.steps == again.steps
@@ -161,10 +164,10 @@ def test_checkpoints_load_weights_only_and_sample(tmp_path):
     assert torch.load(ws["ckpt_dir"] / "last.pt", map_location="cpu", weights_only=True)["vae"] is not None
     assert load_checkpoint(ws["ckpt_dir"] / "last.pt")["optimizer"] is not None
     metrics = json.loads((ws["live_dir"] / "metrics.json").read_text())
-    assert metrics["codec"] == "sd" and metrics["weights"]["source"] == "scratch" and metrics["step"] == 1
+    assert metrics["codec"] == "sd" and metrics["weights"]["origin"] == "scratch" and metrics["step"] == 1
     # what evaluate does: rebuild from best.pt, encode the source, sample the target latent, decode
     best = load_checkpoint(ws["ckpt_dir"] / "best.pt")
-    vae = VaeAdapter.load(ws["vae_dir"], params.vae, "cpu")
+    vae = load_vae(ws["vae_dir"], "cpu")
     if best["vae"] is not None:  # as load_trained_model does: a frozen-phase best.pt uses the VAE as fitted
         vae.module.load_state_dict(best["vae"])
     unet = build_unet(params.train.unet, vae.latent_channels)
@@ -238,31 +241,43 @@ def test_other_noise_processes_train_end_to_end(tmp_path, scheduler, prediction)
 
 
 def test_the_condition_can_be_the_slab_consistent_baseline(tmp_path):
-    """train.condition: consistent: the cached condition latents are the encoding of evaluate's
-    baseline_consistent, and sampling (evaluate, predict) conditions on the same volume."""
+    """train.condition: consistent: the cached condition latents are the encoding of the slab stage's
+    baseline_consistent (the projection of source.npy with the stage's operator), and sampling (evaluate, predict)
+    conditions on the same volume."""
     from ctdiff.data.processed import split_cases
-    from ctdiff.data.slab import baseline_consistent
+    from ctdiff.data.slab import case_slabs, consistent_baseline
     from ctdiff.inference.sampling import load_trained_model
     from ctdiff.training.latents import LatentCache
     from ctdiff.training.ldm import prepare_data
 
     params = tiny_params(epochs=1, vae_freeze_epochs=1, condition="consistent")
     ws = workspace(tmp_path, params)
-    data = prepare_data(ws["processed_dir"], "consistent", "box")
+    data = prepare_data(ws["processed_dir"], ws["slab_dir"], "consistent")
     case = split_cases(ws["processed_dir"], "train")[0]
-    expected, _, _ = baseline_consistent(case, "box")
+    operator, measured = case_slabs(case.meta, case.load("series1"), "box")
+    expected = consistent_baseline(case.load("source"), operator, measured)
     np.testing.assert_array_equal(data.volumes[0][0], expected)
-    # memory-mapped from a temporary file, not held: a real-size split would not fit in RAM otherwise
-    scratch = Path(data.scratch.name)
+    # memory-mapped, not held: a real-size split would not fit in RAM otherwise
     assert all(isinstance(v[0], np.memmap) for v in data.volumes) and isinstance(data.val_conditions[0], np.memmap)
-    assert len(list(scratch.glob("*.npy"))) == len(data.train) + len(data.val)
     assert not np.array_equal(np.asarray(data.volumes[0][0]), case.load("source").astype(np.float32))
-    vae = VaeAdapter.load(ws["vae_dir"], params.vae, "cpu")
+    vae = load_vae(ws["vae_dir"], "cpu")
     cache = LatentCache.build(vae, data.train[:1], volumes=data.volumes[:1], condition="consistent", progress=False)
     encoded = vae.encode_posterior_hu(torch.from_numpy(expected)[None, None], case.grid.direction).mean[0]
     torch.testing.assert_close(cache.cases[0].source.mean, encoded)
     run(params, ws)
-    model = load_trained_model(params, ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
-    assert model.train_params.condition == "consistent"
-    del data
-    assert not scratch.exists()  # the temporary conditions go with the data
+    model = load_trained_model(ws["vae_dir"], ws["ckpt_dir"], torch.device("cpu"))
+    assert model.train_params.condition == "consistent" and model.profile.name == "box"
+
+
+def test_a_changed_slab_profile_retrains_a_consistent_model(tmp_path):
+    """The model learnt from conditions projected with the slab profile: another profile (the slab stage rerun)
+    must not find the finished checkpoint 'already complete', and the model must carry the new profile."""
+    params = tiny_params(epochs=1, vae_freeze_epochs=1, condition="consistent")
+    ws = workspace(tmp_path, params)
+    first = run(params, ws)
+    assert first.start_step == 0 and read_model_card(ws["ckpt_dir"])["slab_profile"]["name"] == "box"
+    write_slabs(ws["processed_dir"], "triangle")
+    again = run(params, ws)
+    assert again.start_step == 0 and again.steps == first.steps
+    assert "slab_profile" in again.messages[0] and "starting fresh" in again.messages[0]
+    assert read_model_card(ws["ckpt_dir"])["slab_profile"]["name"] == "triangle"

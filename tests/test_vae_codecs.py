@@ -1,7 +1,6 @@
 """The SD and MAISI latent codecs: shapes on odd sizes, intensity mapping, tiling, strict manifest loading."""
 
 import io
-import json
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from paramkit import repo_params
 from vae_helpers import (  # single_torch_thread is a fixture
     as_params,
     single_torch_thread,  # noqa: F401
@@ -20,21 +20,22 @@ from ctdiff.models.vae.maisi import MaisiCodec, maisi_config
 from ctdiff.models.vae.weights import (
     MANIFEST_JSON,
     WeightsError,
-    load_codec,
+    load_vae,
     new_codec,
+    runtime_settings,
     save_weights,
     scratch_config,
     write_manifest,
 )
-from ctdiff.params import params_from_dict
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
+HU_RANGE = (-1000.0, 1000.0)
 
 
 def _codec(use_maisi: bool, **overrides):
     vae = as_params(tiny_params(use_maisi, **overrides)).vae
     torch.manual_seed(0)
-    return new_codec(vae, scratch_config(vae)), vae
+    return new_codec(vae, HU_RANGE, scratch_config(vae)), vae
 
 
 @pytest.mark.parametrize(
@@ -79,7 +80,7 @@ def test_intensity_mapping_round_trips_inside_the_range():
 
 
 def _untiled_twin(codec: MaisiCodec, vae) -> MaisiCodec:
-    twin = MaisiCodec(codec.config, vae.hu_range, tile=(128, 128, 128), overlap=vae.maisi.overlap)
+    twin = MaisiCodec(codec.config, HU_RANGE, tile=(128, 128, 128), overlap=vae.maisi.overlap)
     twin.module.load_state_dict(codec.module.state_dict())
     return twin
 
@@ -116,7 +117,7 @@ def test_tiled_and_untiled_maisi_agree_on_a_volume_larger_than_the_tile():
 def test_tiles_that_do_not_start_on_latent_voxels_are_rejected():
     vae = as_params(tiny_params(True, **{"maisi.tile": [16, 16, 16], "maisi.overlap": 0.4})).vae
     with pytest.raises(ValueError, match="multiple of 4"):
-        new_codec(vae, scratch_config(vae))
+        new_codec(vae, HU_RANGE, scratch_config(vae))
 
 
 @pytest.mark.parametrize("use_maisi", [True, False], ids=["maisi", "sd"])
@@ -125,23 +126,24 @@ def test_manifest_round_trip_is_verified_and_strict(tmp_path, use_maisi):
     vae_dir = tmp_path / "vae"
     vae_dir.mkdir()
     files = save_weights(codec, vae_dir)
-    write_manifest(vae_dir, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]})
+    write_manifest(vae_dir, codec, ".", files, {"origin": "scratch", "epochs": 0, "width": [8]},
+                   runtime_settings(vae))
 
-    loaded, manifest = load_codec(vae_dir, vae)
-    assert manifest["weights"]["source"] == "scratch"
+    loaded = load_vae(vae_dir)  # everything from the manifest: no params
+    assert loaded.manifest["weights"]["origin"] == "scratch" and loaded.name == codec.name
+    assert loaded.hu_range == HU_RANGE and loaded.manifest["runtime"] == runtime_settings(vae)
     hu = torch.from_numpy(synthetic_ct((8, 16, 16), 0))[None, None]
     torch.testing.assert_close(loaded.encode_hu(hu), codec.encode_hu(hu))
+    np.testing.assert_array_equal(loaded.round_trip(hu[0, 0].numpy()),
+                                  codec.decode_hu(codec.encode_hu(hu), hu.shape[2:])[0, 0].numpy())
 
-    other = as_params(tiny_params(not use_maisi)).vae
-    with pytest.raises(WeightsError, match="rerun vae_fit"):
-        load_codec(vae_dir, other)
     weights = vae_dir / next(iter(files))
     weights.write_bytes(weights.read_bytes() + b"\0")
     with pytest.raises(WeightsError, match="sha256"):
-        load_codec(vae_dir, vae)
+        load_vae(vae_dir)
     (vae_dir / MANIFEST_JSON).unlink()
     with pytest.raises(WeightsError, match="run the vae_fit stage"):
-        load_codec(vae_dir, vae)
+        load_vae(vae_dir)
 
 
 def test_released_maisi_architecture_matches_the_published_checkpoint():
@@ -151,9 +153,9 @@ def test_released_maisi_architecture_matches_the_published_checkpoint():
     byte-identical to ``nvidia/NV-Generate-CT`` ``models/autoencoder_v1.pt``: 83,831,868 bytes holding a
     state dict of 130 tensors. The key names themselves are checked by strict loading at fetch time.
     """
-    vae = params_from_dict({"vae": {"use_maisi": True}}).vae
+    vae = repo_params({"vae.use_maisi": True}).vae
     assert vae.maisi.hub.sha256.startswith("1f8a7a05")
-    state = new_codec(vae, maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict()
+    state = new_codec(vae, HU_RANGE, maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
     assert len(state) == 130
@@ -185,15 +187,11 @@ def test_loading_prints_no_install_accelerate_hint(tmp_path):
     A fresh interpreter: diffusers' log handler keeps the stderr it found at import, which pytest swaps."""
     codec, vae = _codec(False)
     files = save_weights(codec, tmp_path)
-    write_manifest(tmp_path, codec, ".", files, {"source": "scratch", "epochs": 0, "width": [8]})
-    script = ("import sys, json; from ctdiff.params import params_from_dict; "
-              "from ctdiff.models.vae.weights import load_codec; "
-              "from pathlib import Path; vae = params_from_dict(json.loads(sys.argv[2])).vae; "
-              "load_codec(Path(sys.argv[1]), vae); print('loaded')")
-    raw = {"vae": {"use_maisi": False, "pretrained": False, "latent_channels": vae.latent_channels,
-                   "sd": {"scratch": dict(vae.sd.scratch.__dict__)}}}
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), json.dumps(raw, default=list)],
-                         capture_output=True, text=True, timeout=120)
+    write_manifest(tmp_path, codec, ".", files, {"origin": "scratch", "epochs": 0, "width": [8]},
+                   runtime_settings(vae))
+    script = ("import sys; from pathlib import Path; from ctdiff.models.vae.weights import load_vae; "
+              "load_vae(Path(sys.argv[1])); print('loaded')")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "loaded" and "accelerate" not in out.stderr + out.stdout
 
@@ -256,7 +254,7 @@ def test_fp16_group_norms_never_reach_the_training_paths():
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
 
     codec, vae = _codec(True)
-    forced = MaisiCodec(codec.config, vae.hu_range, vae.maisi.tile, vae.maisi.overlap, norm_float16=True)
+    forced = MaisiCodec(codec.config, HU_RANGE, vae.maisi.tile, vae.maisi.overlap, norm_float16=True)
     norms = [m for m in forced.module.modules() if isinstance(m, MaisiGroupNorm3D)]
     x01 = forced.hu_to_x01(torch.from_numpy(synthetic_ct((8, 16, 16), 6))[None, None])
     assert not any(n.norm_float16 for n in norms)

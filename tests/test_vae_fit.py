@@ -33,13 +33,14 @@ from ctdiff.models.vae.weights import (
     MAISI_WEIGHTS,
     WeightsError,
     fetch_pretrained,
-    load_codec,
+    load_vae,
     new_codec,
     scratch_config,
 )
 from ctdiff.training.vae_fit import fit_vae, train_codec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HU_RANGE = (-1000.0, 1000.0)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -48,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 def test_scratch_training_lowers_the_reconstruction_loss(tmp_path, use_maisi):
     processed = write_processed(tmp_path / "data" / "processed")
     vae = as_params(tiny_params(use_maisi)).vae
-    codec = new_codec(vae, scratch_config(vae))
+    codec = new_codec(vae, HU_RANGE, scratch_config(vae))
     patch = vae.maisi.patch if use_maisi else vae.sd.patch
     history = train_codec(codec, split_cases(processed, "train"), patch, epochs=6, lr=vae.scratch_lr,
                           patches_per_volume=3, batch_size=2, kl_weight=vae.kl_weight, seed=0)
@@ -78,7 +79,7 @@ def test_scratch_fit_then_check_write_their_contracts(tmp_path, use_maisi):
         manifest = fit_vae(params, processed, tmp_path / "pretrained", tmp_path / "vae", live)
 
     width = [8, 8, 16] if use_maisi else [8, 8, 16, 16]
-    assert manifest["weights"] == {"source": "scratch", "epochs": 1, "width": width}
+    assert manifest["weights"] == {"origin": "scratch", "epochs": 1, "width": width}
     # No latent scale factor here: the train stage computes it from the latents it caches.
     assert manifest["weights_dir"] == "." and "scale_factor" not in manifest
     fit_metrics = json.loads((tmp_path / "live_fit" / "metrics.json").read_text())
@@ -106,7 +107,7 @@ def test_pretrained_without_finetuning_points_at_the_download(tmp_path, monkeypa
     raw = tiny_params(True, pretrained=True)
     vae = as_params(raw).vae
     buf = io.BytesIO()
-    torch.save(new_codec(vae, maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict(), buf)
+    torch.save(new_codec(vae, HU_RANGE, maisi_config(vae.maisi.arch, vae.latent_channels)).module.state_dict(), buf)
     sha = add_to_hf_cache(tmp_path / "hf", MAISI_REPO, COMMIT, {"models/autoencoder.pt": buf.getvalue()})
     raw["vae"]["maisi"]["hub"]["sha256"] = sha["models/autoencoder.pt"]
     params = as_params(raw)
@@ -117,10 +118,10 @@ def test_pretrained_without_finetuning_points_at_the_download(tmp_path, monkeypa
 
     assert manifest["weights_dir"] == "../pretrained"
     assert manifest["files"] == {MAISI_WEIGHTS: sha["models/autoencoder.pt"]}
-    assert manifest["weights"] == {"source": "pretrained", "repo": MAISI_REPO, "revision": COMMIT,
+    assert manifest["weights"] == {"origin": "pretrained", "repo": MAISI_REPO, "revision": COMMIT,
                                    "files": manifest["files"]}
     assert sorted(p.name for p in (models / "vae").iterdir()) == ["manifest.json"]  # nothing copied
-    codec, _ = load_codec(models / "vae", params.vae)
+    codec = load_vae(models / "vae")
     assert codec.latent_channels == params.vae.latent_channels
 
     scratch = as_params(tiny_params(True, pretrained=False))
@@ -129,10 +130,10 @@ def test_pretrained_without_finetuning_points_at_the_download(tmp_path, monkeypa
 
     raw["vae"]["finetune_epochs"] = 1
     finetuned = fit_vae(as_params(raw), processed, models / "pretrained", models / "vae")
-    assert finetuned["weights"] == {"source": "finetuned", "epochs": 1, "base": manifest["weights"]}
+    assert finetuned["weights"] == {"origin": "finetuned", "epochs": 1, "base": manifest["weights"]}
     assert finetuned["weights_dir"] == "." and (models / "vae" / MAISI_WEIGHTS).is_file()
     assert finetuned["files"][MAISI_WEIGHTS] != sha["models/autoencoder.pt"]
-    load_codec(models / "vae", as_params(raw).vae)
+    load_vae(models / "vae")
 
 
 def test_stages_run_offline_from_the_repository_root(tmp_path):
@@ -144,7 +145,7 @@ def test_stages_run_offline_from_the_repository_root(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{stage}:\n{done.stdout}\n{done.stderr}"
         assert done.stdout.startswith(f"{stage}: ")
-    assert json.loads((tmp_path / "models" / "pretrained" / "source.json").read_text())["source"] == "scratch"
+    assert json.loads((tmp_path / "models" / "pretrained" / "origin.json").read_text())["origin"] == "scratch"
     assert (tmp_path / "models" / "vae" / "manifest.json").is_file()
     assert json.loads((tmp_path / "dvclive" / "vae_check" / "metrics.json").read_text())["codec"] == "sd"
     assert not list((tmp_path / "dvclive").glob(".*"))  # no temporary folders left
@@ -165,7 +166,8 @@ def test_the_scratch_levers_start_nearly_deterministic_and_crop_inside_the_body(
     the body; vae.recon_loss mse trains on the squared error."""
     from ctdiff.training.vae_fit import init_logvar
 
-    codec = new_codec(as_params(tiny_params(use_maisi)).vae, scratch_config(as_params(tiny_params(use_maisi)).vae))
+    vae = as_params(tiny_params(use_maisi)).vae
+    codec = new_codec(vae, HU_RANGE, scratch_config(vae))
     init_logvar(codec, -8.0)
     hu = torch.from_numpy(synthetic_ct((8, 16, 16), 0))[None, None]
     _, std = codec.encode_posterior_hu(hu)

@@ -1,5 +1,5 @@
-"""Shared test fixtures: tiny processed cases (the one writer of a ``data/processed`` folder), tiny VAE params,
-a real-layout Hugging Face cache."""
+"""Shared test fixtures: tiny processed cases (the one writer of a ``data/processed`` folder) and their slab-stage
+output, tiny VAE params, a real-layout Hugging Face cache."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from paramkit import raw_params
 
 from ctdiff.data.grid import Grid
 from ctdiff.data.phantom import CATEGORIES
-from ctdiff.params import Params, params_from_dict
+from ctdiff.data.slab import PROFILE_JSON, SliceProfile
+from ctdiff.io import atomic_write_json
+from ctdiff.params import Params, leaves, params_from_dict
+from ctdiff.training.slab import write_cases
 
 MAISI_REPO = "MONAI/maisi_ct_generative"
 SD_REPO = "stabilityai/sd-vae-ft-mse"
@@ -62,16 +66,13 @@ SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def tiny_params(use_maisi: bool, pretrained: bool = False, **vae_overrides: Any) -> dict[str, Any]:
-    """params.yaml content (a dict) for tiny VAEs; ``vae_overrides`` use dotted keys below ``vae``."""
-    vae = json.loads(json.dumps(TINY_VAE))
-    vae.update(use_maisi=use_maisi, pretrained=pretrained)
-    for dotted, value in vae_overrides.items():
-        node = vae
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return {"seed": 0, "vae": vae, "vae_check": {"split": "val", "max_cases": 2}}
+    """params.yaml content (a dict: the committed file) for tiny VAEs; ``vae_overrides`` use dotted keys below
+    ``vae``."""
+    overrides = {f"vae.{k}": v for k, v in leaves(TINY_VAE).items()}
+    overrides.update({"seed": 0, "vae.use_maisi": use_maisi, "vae.pretrained": pretrained,
+                      "vae_check.split": "val", "vae_check.max_cases": 2})
+    overrides.update({f"vae.{k}": v for k, v in vae_overrides.items()})
+    return raw_params(overrides)
 
 
 def as_params(raw: dict[str, Any]) -> Params:
@@ -140,6 +141,18 @@ def write_processed(processed: Path, n_train: int = 3, n_val: int = 2, n_test: i
         (folder / "meta.json").write_text(json.dumps(meta))
     (processed / "splits.json").write_text(json.dumps(splits))
     return processed
+
+
+def write_slabs(processed: Path, profile: str = "box") -> tuple[Path, Path]:
+    """The slab stage's output for every case of ``processed`` (``<root>/data/processed``) with a named profile:
+    ``<root>/data/slab`` and ``<root>/models/slab``, written by the stage's own code. Returns both folders."""
+    root = processed.parent.parent
+    slab_dir, profile_dir = root / "data" / "slab", root / "models" / "slab"
+    case_ids = [c for ids in json.loads((processed / "splits.json").read_text()).values() for c in ids]
+    write_cases(processed, slab_dir, case_ids, SliceProfile.named(profile), progress=False)
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(profile_dir / PROFILE_JSON, SliceProfile.named(profile).to_json())
+    return slab_dir, profile_dir
 
 
 def _series_summary(grid: Grid) -> dict[str, Any]:

@@ -1,9 +1,13 @@
-"""``ctdiff <stage>`` runs one pipeline stage; ``ctdiff predict INPUT... --out DIR`` applies the trained model
-to new scans; ``ctdiff preset NAME`` prints a committed preset as ``dvc exp run`` overrides.
+"""The ctdiff command line: one subcommand per pipeline stage, predict, preset and verdict.
 
-The stage scripts in ``stages/`` are the single implementation of the stages; this entry point only finds
-and runs them (from the repository root, where dvc.yaml is), so ``ctdiff preprocess`` and ``python
-stages/preprocess.py`` cannot drift apart. ``predict`` is :mod:`ctdiff.inference.predict`.
+  ctdiff STAGE                      run one stage of dvc.yaml (the script in stages/), without DVC's bookkeeping
+  ctdiff predict INPUT... --out DIR apply the workspace's trained model to new thick series
+  ctdiff preset NAME                print a committed preset as dvc exp run -S overrides
+  ctdiff verdict                    the verdict over a sweep of experiments
+
+Run it from the repository root (where dvc.yaml is). The stage scripts are the single implementation of
+the stages: this entry point only finds and runs them, so 'ctdiff preprocess' and
+'python stages/preprocess.py' cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ import runpy
 import sys
 from pathlib import Path
 
-STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate")
+STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
+          "evaluate")
 PREDICT_HELP = """Apply the trained model to new thick series. Each INPUT is a case zip (APE-data layout: folder 1/ is
 read, 2/ ignored), a folder of DICOM files, or a NIfTI volume. Writes DIR/<name>.nii.gz (the thin series, int16
 HU), DIR/<name>/ (the same as a derived DICOM CT series) and DIR/<name>_std.nii.gz (the per-voxel spread of the
-samples, HU). The model is the workspace's (models/vae, models/checkpoints; --models for another copy), the
-params params.yaml's (evaluate.* for sampling, preprocess.* for reading), overridden by the options below."""
+samples, HU). The model is the workspace's (models/vae, models/checkpoints; --models for another copy) and
+carries how it samples (steps, draws) and the slice profile it projects with; the options below override
+them. params.yaml gives the reading limits (preprocess.*), the device and the default seed."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctdiff", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{stage,predict,preset,verdict}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage (stages/{stage}.py)")
     predict = commands.add_parser("predict", help="apply the trained model to new scans", description=PREDICT_HELP)
@@ -35,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="folder holding vae/ and checkpoints/ (default: models)")
     predict.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="FILE",
                          help="params file (default: params.yaml)")
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
-    predict.add_argument("--samples", type=int, help="decoded samples averaged (evaluate.samples)")
-    predict.add_argument("--steps", type=int, help="sampling steps (evaluate.steps)")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default: params device)")
+    predict.add_argument("--samples", type=int, help="decoded samples averaged (default: the model's)")
+    predict.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     predict.add_argument("--seed", type=int, help="sampling seed (default: params train_seed, as evaluate)")
     predict.add_argument("--thickness-mm", type=float, help="slice thickness of the inputs (default: DICOM "
                          "SliceThickness, else the slice spacing; a NIfTI's z spacing)")
@@ -106,20 +112,15 @@ def run_predict(args: argparse.Namespace) -> int:
     from ctdiff.inference.predict import predict_inputs
     from ctdiff.inference.sampling import load_trained_model
     from ctdiff.models.vae.weights import WeightsError
-    from ctdiff.params import ParamsError, load_params, params_from_dict, to_dict
+    from ctdiff.params import ParamsError, load_params
 
     try:
-        raw = to_dict(load_params(args.params))
-        overrides = {("train", "device"): args.device, ("evaluate", "samples"): args.samples,
-                     ("evaluate", "steps"): args.steps}
-        for (group, key), value in overrides.items():
-            if value is not None:
-                raw[group][key] = value
-        params = params_from_dict(raw)
+        params = load_params(args.params)
         if args.thickness_mm is not None and args.thickness_mm <= 0:
             raise ParamsError("--thickness-mm must be > 0")
-        model = load_trained_model(params, args.models / "vae", args.models / "checkpoints",
-                                   pick_device(params.train.device))
+        device = pick_device(args.device or params.device, key="--device" if args.device else "device")
+        model = load_trained_model(args.models / "vae", args.models / "checkpoints", device)
+        model = model.with_sampling(samples=args.samples, steps=args.steps)
     except (ParamsError, WeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 1

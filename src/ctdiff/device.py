@@ -1,5 +1,4 @@
-"""The torch device of the torch stages: ``train.device`` (vae_fit, vae_check, train, evaluate) or
-``sr_reference.device``."""
+"""The torch device of the torch stages: the shared ``device`` param (or ``ctdiff predict --device``)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import torch
 from ctdiff.params import ParamsError
 
 
-def pick_device(choice: str, index: int | None = None, key: str = "train.device") -> torch.device:
+def pick_device(choice: str, index: int | None = None, key: str = "device") -> torch.device:
     """``auto`` = CUDA when visible, else CPU; ``cuda`` without a visible GPU is an error, not a silent CPU run.
 
     ``index``: the GPU of this process (``LOCAL_RANK`` under torchrun); None = the current one. ``key``

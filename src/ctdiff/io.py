@@ -10,6 +10,7 @@ power, at the price of waiting for the disk on every multi-hundred-MB volume (me
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,12 @@ import numpy as np
 
 if TYPE_CHECKING:
     from dvclive import Live
+
+
+def digest(obj: Any) -> str:
+    """Short content hash of a JSON-able object (keys sorted; other objects by ``str``): the one digest of
+    fingerprints, resume keys and cache names."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager

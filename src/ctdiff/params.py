@@ -1,18 +1,28 @@
-"""Typed view of ``params.yaml``: the single source of truth for every knob.
+"""Typed view of ``params.yaml``: the single source of truth for every knob, and of every default.
 
-Each top-level group is a frozen dataclass. :func:`load_params` parses the YAML once, checks every
-value against the dataclass field types (naming the dotted key and the expected type on a mismatch),
-and rejects unknown keys, so a typo in ``dvc exp run -S`` fails loudly instead of being ignored.
+Each top-level group is a frozen dataclass that declares the types and the checks of its keys, never their
+values: the values, defaults included, live in ``params.yaml`` only. :func:`load_params` parses the YAML
+once, requires every key (naming a missing one), checks every value against the field types (naming the
+dotted key and the expected type on a mismatch), and rejects unknown keys, so a typo in ``dvc exp run -S``
+fails loudly instead of being ignored. Code that needs a variant starts from the committed file
+(:func:`load_params`) and changes it with :func:`with_overrides` (dotted keys, as ``-S``).
+
+Ownership (``dvc.yaml`` declares it; ``tests/test_stage_deps.py`` enforces it): each stage reads its own
+group and the shared keys of :data:`SHARED`; nothing reads another stage's group. What a trained model
+needs later (its sampling defaults, the slab profile, the intensity range, its condition) travels inside
+the model's artifacts, not through params.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,22 +30,27 @@ import yaml
 
 
 class ParamsError(ValueError):
-    """A value in params.yaml has the wrong type, an unknown key, or an impossible value."""
+    """A value in params.yaml has the wrong type, an unknown or missing key, or an impossible value."""
+
+
+# Keys every stage may read besides its own group: the data and learning seeds, where torch runs, and the
+# intensity range every network and metric maps HU through.
+SHARED = ("seed", "train_seed", "device", "hu_range")
 
 
 # ---------------------------------------------------------------------------------------------- data
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PhantomParams:
-    n_cases: int = 20
-    ape_fraction: float = 0.5
-    shape: tuple[int, int, int] = (48, 96, 96)  # thin series [slices, rows, cols]
-    pixel_mm: float = 0.8
-    thin_mm: float = 1.0
-    thick_mm: float = 5.0
-    thick_spacing_mm: float = 0.0  # thick series slice spacing; 0 = thick_mm (contiguous slabs)
-    noise_hu: float = 12.0
-    body_mm: float = 320.0  # chest width the anatomy is sized for (independent of the image)
-    centre: Literal["hilum", "body"] | tuple[float, float] = "hilum"  # in-plane crop centre; [x, y] = mm from body
+    n_cases: int
+    ape_fraction: float
+    shape: tuple[int, int, int]  # thin series [slices, rows, cols]
+    pixel_mm: float
+    thin_mm: float
+    thick_mm: float
+    thick_spacing_mm: float  # thick series slice spacing; 0 = thick_mm (contiguous slabs)
+    noise_hu: float
+    body_mm: float  # chest width the anatomy is sized for (independent of the image)
+    centre: Literal["hilum", "body"] | tuple[float, float]  # in-plane crop centre; [x, y] = mm from body
 
     def __post_init__(self) -> None:
         _require(self.n_cases >= 1, "data.phantom.n_cases", "must be >= 1")
@@ -69,19 +84,19 @@ class PhantomParams:
         return self.thick_spacing_mm or self.thick_mm
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HfDataParams:
-    repo: str = "t2ance/APE-data"
-    revision: str = "main"
-    allow_patterns: tuple[str, ...] = ()
+    repo: str
+    revision: str
+    allow_patterns: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataParams:
-    source: Literal["phantom", "hf", "local"] = "phantom"
-    phantom: PhantomParams = field(default_factory=PhantomParams)
-    hf: HfDataParams = field(default_factory=HfDataParams)
-    local_dir: str = ""
+    source: Literal["phantom", "hf", "local"]
+    phantom: PhantomParams
+    hf: HfDataParams
+    local_dir: str
 
     def __post_init__(self) -> None:
         if self.source == "local":
@@ -89,11 +104,11 @@ class DataParams:
 
 
 # ---------------------------------------------------------------------------------------- preprocess
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SplitParams:
-    train: float = 0.6
-    val: float = 0.2
-    test: float = 0.2
+    train: float
+    val: float
+    test: float
 
     def __post_init__(self) -> None:
         fractions = (self.train, self.val, self.test)
@@ -101,18 +116,18 @@ class SplitParams:
         _require(abs(sum(fractions) - 1.0) < 1e-6, "preprocess.split", f"fractions must sum to 1, got {sum(fractions)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreprocessParams:
-    spacing_mm: tuple[float, ...] = ()  # [sx, sy, sz]; empty = keep series 2's spacing
-    shape: tuple[int, ...] = ()  # [D, H, W]; empty = keep
-    interpolator: Literal["linear", "bspline", "nearest"] = "linear"
-    min_slices: int = 5
-    allow_gaps: bool = False
-    split: SplitParams = field(default_factory=SplitParams)
-    workers: int = 0  # 0 = os.cpu_count()
-    min_cases: int = 3
-    max_zip_members: int = 20000
-    max_unzipped_gb: float = 8.0
+    spacing_mm: tuple[float, ...]  # [sx, sy, sz]; empty = keep series 2's spacing
+    shape: tuple[int, ...]  # [D, H, W]; empty = keep
+    interpolator: Literal["linear", "bspline", "nearest"]
+    min_slices: int
+    allow_gaps: bool
+    split: SplitParams
+    workers: int  # 0 = os.cpu_count()
+    min_cases: int
+    max_zip_members: int
+    max_unzipped_gb: float
 
     def __post_init__(self) -> None:
         _require(len(self.spacing_mm) in (0, 3), "preprocess.spacing_mm", "must be [] or [sx, sy, sz]")
@@ -128,42 +143,51 @@ class PreprocessParams:
         return self.workers or os.cpu_count() or 1
 
 
+# ---------------------------------------------------------------------------------------------- slab
+@dataclass(frozen=True, kw_only=True)
+class SlabParams:
+    """Series 1's slice sensitivity profile (the slab stage, :mod:`ctdiff.training.slab`): fitted from the train
+    pairs or a named shape, and the projected baseline of every case computed with it."""
+
+    profile: Literal["fitted", "box", "triangle", "gaussian"]
+    half_width: float  # fitted: the profile's support each side of the slab centre, in thicknesses
+    symmetric: bool  # fitted: an even profile
+    smoothness: float  # fitted: weight of the second-difference penalty on the taps
+    inplane_sigma_mm: float  # fitted: both series smoothed in-plane by this Gaussian before the fit (0 = off)
+    tolerance: float  # the fitted profile may predict val slabs at most this much (relative) worse than a named one
+    accept_poor_fit: bool  # true: a fit worse than a named shape is reported, not fatal
+
+    def __post_init__(self) -> None:
+        _require(self.half_width > 0, "slab.half_width", "must be > 0")
+        _require(self.smoothness >= 0, "slab.smoothness", "must be >= 0")
+        _require(self.inplane_sigma_mm >= 0, "slab.inplane_sigma_mm", "must be >= 0")
+        _require(self.tolerance >= 0, "slab.tolerance", "must be >= 0")
+
+
 # ----------------------------------------------------------------------------------------------- vae
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HubParams:
     """One pinned file on the Hugging Face Hub. ``sha256`` empty = not pinned yet (the stage prints it)."""
 
     repo: str
     revision: str  # a commit hash: the download is reproducible and a cached copy needs no network
     filename: str
-    sha256: str = ""
+    sha256: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SdHubParams(HubParams):
-    repo: str = "stabilityai/sd-vae-ft-mse"
-    revision: str = "31f26fdeee1355a5c34592e401dd41e45d25a493"
-    filename: str = "diffusion_pytorch_model.safetensors"
-    sha256: str = "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815"
-    config_filename: str = "config.json"
-    config_sha256: str = "92d3dfb746fca211a2c9e019e285f8597412211728dce3c5bcf4eda0f2d62e7e"
+    config_filename: str
+    config_sha256: str
 
 
-@dataclass(frozen=True)
-class MaisiHubParams(HubParams):
-    repo: str = "MONAI/maisi_ct_generative"
-    revision: str = "02aa18dbb5f0dc42d89460cdcb02d3b21f22aa1b"  # tag 1.0.0
-    filename: str = "models/autoencoder.pt"
-    sha256: str = "1f8a7a056d0ebc00486edc43c26768bf1c12eaa6df9dd172e34598003be95eb3"
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MaisiArchParams:
     """Width of an ``AutoencoderKlMaisi``; the rest of the released config is fixed in ctdiff.models.vae.maisi."""
 
-    num_channels: tuple[int, ...] = (64, 128, 256)
-    num_res_blocks: tuple[int, ...] = (2, 2, 2)
-    norm_num_groups: int = 32
+    num_channels: tuple[int, ...]
+    num_res_blocks: tuple[int, ...]
+    norm_num_groups: int
 
     def __post_init__(self) -> None:
         key = "vae.maisi.{arch,scratch}"
@@ -174,19 +198,17 @@ class MaisiArchParams:
                  "must divide every entry of num_channels")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MaisiParams:
-    hub: MaisiHubParams = field(default_factory=MaisiHubParams)
-    arch: MaisiArchParams = field(default_factory=MaisiArchParams)  # released config: the hub weights match it
-    scratch: MaisiArchParams = field(
-        default_factory=lambda: MaisiArchParams(num_channels=(8, 16, 32), num_res_blocks=(1, 1, 1), norm_num_groups=4)
-    )
-    patch: tuple[int, int, int] = (16, 32, 32)  # vae_fit random crop [D, H, W]
+    hub: HubParams
+    arch: MaisiArchParams  # released config: the hub weights match it
+    scratch: MaisiArchParams
+    patch: tuple[int, int, int]  # vae_fit random crop [D, H, W]
     # sliding-window tile [X, Y, Z] of the RAS array MAISI sees (its configs' order; multiples of 16)
-    tile: tuple[int, int, int] = (64, 64, 64)
-    overlap: float = 0.25
-    num_splits: int = 1  # AutoencoderKlMaisi splits every conv input into this many pieces; 1 = no split
-    dim_split: int = 1
+    tile: tuple[int, int, int]
+    overlap: float
+    num_splits: int  # AutoencoderKlMaisi splits every conv input into this many pieces; 1 = no split
+    dim_split: int
 
     def __post_init__(self) -> None:
         _require(all(t > 0 and t % 16 == 0 for t in self.tile), "vae.maisi.tile", "sizes must be multiples of 16")
@@ -198,13 +220,13 @@ class MaisiParams:
         _require(self.dim_split in (0, 1, 2), "vae.maisi.dim_split", "must be 0, 1 or 2")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SdArchParams:
     """Width of a diffusers ``AutoencoderKL`` trained from scratch (the hub config fixes the pretrained one)."""
 
-    block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    norm_num_groups: int
 
     def __post_init__(self) -> None:
         _require(len(self.block_out_channels) >= 2, "vae.sd.scratch.block_out_channels", "needs >= 2 levels")
@@ -212,41 +234,39 @@ class SdArchParams:
                  "vae.sd.scratch.norm_num_groups", "must divide every entry of block_out_channels")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SdParams:
-    hub: SdHubParams = field(default_factory=SdHubParams)
-    scratch: SdArchParams = field(default_factory=SdArchParams)
-    patch: tuple[int, int, int] = (2, 64, 64)  # vae_fit random crop [slices, H, W]
-    slice_batch: int = 16  # axial slices per encoder/decoder call
+    hub: SdHubParams
+    scratch: SdArchParams
+    patch: tuple[int, int, int]  # vae_fit random crop [slices, H, W]
+    slice_batch: int  # axial slices per encoder/decoder call
 
     def __post_init__(self) -> None:
         _require(all(p > 0 for p in self.patch), "vae.sd.patch", "sizes must be > 0")
         _require(self.slice_batch >= 1, "vae.sd.slice_batch", "must be >= 1")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VaeParams:
-    use_maisi: bool = False  # false: SD VAE per axial slice; true: MAISI 3D VAE
-    pretrained: bool = False  # true: download the pinned released weights; false: vae_fit trains from scratch
-    hu_range: tuple[float, float] = (-1000.0, 1000.0)  # clipped and mapped to [0, 1] (SD: [-1, 1])
-    latent_channels: int = 4  # MAISI and scratch architectures; pretrained SD reads it from its config
-    finetune_epochs: int = 0  # pretrained: epochs of domain fine-tuning (0 = use as downloaded)
-    finetune_lr: float = 1.0e-5
-    scratch_epochs: int = 36
-    scratch_lr: float = 1.0e-3
-    patches_per_volume: int = 4  # random crops per training volume (source and target) per epoch
-    batch_size: int = 4
-    kl_weight: float = 1.0e-6
-    recon_loss: Literal["l1", "mse"] = "l1"  # the reconstruction term in [0, 1] (PSNR is an MSE)
-    warmup_steps: int = 0  # linear LR warm-up before the cosine decay
-    body_crops: float = 0.0  # fraction of training crops centred inside the body (HU > -500), the rest uniform
-    logvar_init: float | None = None  # scratch: the encoder's log-variance output starts at this constant
-    hub_timeout_s: float = 5.0  # reachability check before a download; offline fails this fast
-    maisi: MaisiParams = field(default_factory=MaisiParams)
-    sd: SdParams = field(default_factory=SdParams)
+    use_maisi: bool  # false: SD VAE per axial slice; true: MAISI 3D VAE
+    pretrained: bool  # true: download the pinned released weights; false: vae_fit trains from scratch
+    latent_channels: int  # MAISI and scratch architectures; pretrained SD reads it from its config
+    finetune_epochs: int  # pretrained: epochs of domain fine-tuning (0 = use as downloaded)
+    finetune_lr: float
+    scratch_epochs: int
+    scratch_lr: float
+    patches_per_volume: int  # random crops per training volume (source and target) per epoch
+    batch_size: int
+    kl_weight: float
+    recon_loss: Literal["l1", "mse"]  # the reconstruction term in [0, 1] (PSNR is an MSE)
+    warmup_steps: int  # linear LR warm-up before the cosine decay
+    body_crops: float  # fraction of training crops centred inside the body (HU > -500), the rest uniform
+    logvar_init: float | None  # scratch: the encoder's log-variance output starts at this constant
+    hub_timeout_s: float  # reachability check before a download; offline fails this fast
+    maisi: MaisiParams
+    sd: SdParams
 
     def __post_init__(self) -> None:
-        _require(self.hu_range[0] < self.hu_range[1], "vae.hu_range", "must be [low, high] with low < high")
         _require(self.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
         _require(self.finetune_epochs >= 0 and self.scratch_epochs >= 0, "vae", "epochs must be >= 0")
         _require(self.finetune_lr > 0 and self.scratch_lr > 0, "vae", "learning rates must be > 0")
@@ -262,17 +282,17 @@ class VaeParams:
         return "maisi" if self.use_maisi else "sd"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VaeCheckParams:
-    split: Literal["val", "test", "train"] = "val"  # held-out cases to encode and decode
-    max_cases: int = 4  # 0 = every case of the split
+    split: Literal["val", "test", "train"]  # held-out cases to encode and decode
+    max_cases: int  # 0 = every case of the split
 
     def __post_init__(self) -> None:
         _require(self.max_cases >= 0, "vae_check.max_cases", "must be >= 0 (0 = all)")
 
 
 # --------------------------------------------------------------------------------------------- train
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UnetParams:
     """Width of the denoiser, ``monai.networks.nets.DiffusionModelUNet`` (3D; in/out channels follow the VAE).
 
@@ -280,11 +300,11 @@ class UnetParams:
     at each level but the last); ``train.patch`` is checked against it.
     """
 
-    channels: tuple[int, ...] = (32, 64, 64)
-    attention_levels: tuple[bool, ...] = (False, False, True)
-    num_res_blocks: int = 1
-    norm_num_groups: int = 16
-    num_head_channels: int = 16
+    channels: tuple[int, ...]
+    attention_levels: tuple[bool, ...]
+    num_res_blocks: int
+    norm_num_groups: int
+    num_head_channels: int
 
     def __post_init__(self) -> None:
         _require(len(self.channels) >= 2, "train.unet.channels", "needs >= 2 levels")
@@ -301,36 +321,56 @@ class UnetParams:
         return 2 ** (len(self.channels) - 1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How the trained model is sampled by default: written into the model (``models/checkpoints/model.json``)
+    so evaluate and ``ctdiff predict`` read it from there (predict's flags override it). Changing it reruns
+    train only to rewrite that file: a finished run is not retrained."""
+
+    steps: int  # DDIM (ddpm-trained) or rectified-flow steps per sampled volume
+    samples: int  # decoded samples averaged per volume (a posterior-mean estimate; cost x samples)
+    decode: Literal["sample", "change"]  # change: baseline + D(z) - D(E(baseline)) (VAE errors cancel)
+    consistency: bool  # the prediction is the decoded mean projected onto series 1's slabs; false: raw decode
+    overlap: float  # latent windows overlap when a volume exceeds the training patch
+    window_batch: int  # latent windows per UNet call (execution only: speed and memory, not the result)
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.sampling.steps", "must be >= 1")
+        _require(self.samples >= 1, "train.sampling.samples", "must be >= 1")
+        _require(0.0 <= self.overlap < 1.0, "train.sampling.overlap", "must be in [0, 1)")
+        _require(self.window_batch >= 1, "train.sampling.window_batch", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainParams:
-    epochs: int = 80
-    vae_freeze_epochs: int = 78  # epochs [0, vae_freeze_epochs) frozen VAE on cached latents; then fine-tuned
-    vae_finetune: Literal["decoder", "full"] = "decoder"
-    vae_lr: float = 1.0e-5
-    vae_recon_weight: float = 1.0  # weight of (L1 in [0, 1] + vae_kl_weight * KL) on the target patch
-    vae_kl_weight: float = 1.0e-6  # KL summed over latent elements, as in vae_fit
-    vae_recon_slices: int = 2  # latent slices of each target patch decoded for that loss (0 = all)
-    patch: tuple[int, int, int] = (16, 64, 64)  # voxels [D, H, W]; multiples of VAE downsampling x UNet multiple
-    batch_size: int = 4  # patches per optimizer step (per process under torchrun)
-    patches_per_volume: int = 4  # random patches per training volume per epoch
-    lr: float = 1.0e-3
-    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio over all steps
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    scheduler: Literal["ddpm", "rflow"] = "ddpm"  # training noise process; sampling: DDIM for ddpm, RFlow for rflow
-    residual: bool = True  # generate the change of the target latent from the condition's latent, not the latent
-    # what the denoiser is conditioned on: series 1 interpolated (source.npy), or that projected onto series 1's
-    # slabs (evaluate's baseline_consistent, with evaluate.slab_profile)
-    condition: Literal["source", "consistent"] = "consistent"
-    prediction: Literal["epsilon", "v"] = "v"  # ddpm only; rflow always predicts the velocity
-    num_train_timesteps: int = 1000
-    val_patches_per_volume: int = 8  # fixed patches (and noise, timesteps) per val volume
-    latent_cache: Literal["memory", "disk"] = "memory"  # disk: also under models/checkpoints/latents (resume)
-    checkpoint_every: int = 100  # steps between last.pt writes (and one at every epoch end)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on CUDA only; CPU always runs fp32
-    unet: UnetParams = field(default_factory=UnetParams)
+    epochs: int
+    vae_freeze_epochs: int  # epochs [0, vae_freeze_epochs) frozen VAE on cached latents; then fine-tuned
+    vae_finetune: Literal["decoder", "full"]
+    vae_lr: float
+    vae_recon_weight: float  # weight of (L1 in [0, 1] + vae_kl_weight * KL) on the target patch
+    vae_kl_weight: float  # KL summed over latent elements, as in vae_fit
+    vae_recon_slices: int  # latent slices of each target patch decoded for that loss (0 = all)
+    patch: tuple[int, int, int]  # voxels [D, H, W]; multiples of VAE downsampling x UNet multiple
+    batch_size: int  # patches per optimizer step (per process under torchrun)
+    patches_per_volume: int  # random patches per training volume per epoch
+    lr: float
+    lr_min_ratio: float  # cosine decay from lr to lr * lr_min_ratio over all steps
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float  # max global grad norm; 0 = off
+    scheduler: Literal["ddpm", "rflow"]  # training noise process; sampling: DDIM for ddpm, RFlow for rflow
+    residual: bool  # generate the change of the target latent from the condition's latent, not the latent
+    # what the denoiser is conditioned on: series 1 interpolated onto the thin grid (source.npy), or that
+    # projected onto series 1's slabs (the slab stage's baseline_consistent)
+    condition: Literal["interpolated", "consistent"]
+    prediction: Literal["epsilon", "v"]  # ddpm only; rflow always predicts the velocity
+    num_train_timesteps: int
+    val_patches_per_volume: int  # fixed patches (and noise, timesteps) per val volume
+    latent_cache: Literal["memory", "disk"]  # disk: also under models/checkpoints/latents (resume)
+    checkpoint_every: int  # steps between last.pt writes (and one at every epoch end)
+    precision: Literal["fp32", "bf16", "fp16"]  # autocast on CUDA only; CPU always runs fp32
+    unet: UnetParams
+    sampling: SamplingParams
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -348,33 +388,34 @@ class TrainParams:
         _require(self.num_train_timesteps >= 2, "train.num_train_timesteps", "must be >= 2")
         _require(self.val_patches_per_volume >= 1, "train.val_patches_per_volume", "must be >= 1")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _require(self.sampling.steps <= self.num_train_timesteps, "train.sampling.steps",
+                 f"must be <= train.num_train_timesteps ({self.num_train_timesteps})")
 
 
 # -------------------------------------------------------------------------------------- sr_reference
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SrReferenceParams:
     """The supervised reference (``ctdiff.training.reference``): a MONAI ``UNet`` in image space predicting the thin
-    series as a residual on the slab-consistent baseline, L1 in [0, 1] over ``vae.hu_range``.
+    series as a residual on the slab-consistent baseline, L1 in [0, 1] over ``hu_range``.
 
     ``channels``/``strides`` are the UNet's own arguments (``len(strides) == len(channels) - 1``);
     ``patch`` must be divisible by the product of the strides on every axis, so the skip connections line
     up. Inference runs a Gaussian-blended sliding window of ``patch``.
     """
 
-    epochs: int = 12
-    batch_size: int = 8  # patches per optimizer step
-    patches_per_volume: int = 64  # random patches per training volume per epoch
-    patch: tuple[int, int, int] = (16, 64, 64)  # voxels [D, H, W]; also the inference window
-    lr: float = 3.0e-3
-    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio over all steps
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    channels: tuple[int, ...] = (16, 32, 64)
-    strides: tuple[int, ...] = (2, 2)
-    overlap: float = 0.25  # sliding-window overlap at inference (val and evaluate)
-    window_batch: int = 8  # windows per network call at inference
-    checkpoint_every: int = 100  # steps between last.pt writes (plus one at every epoch end)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int
+    batch_size: int  # patches per optimizer step
+    patches_per_volume: int  # random patches per training volume per epoch
+    patch: tuple[int, int, int]  # voxels [D, H, W]; also the inference window
+    lr: float
+    lr_min_ratio: float  # cosine decay from lr to lr * lr_min_ratio over all steps
+    warmup_steps: int
+    weight_decay: float
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    overlap: float  # sliding-window overlap at inference (val and evaluate)
+    window_batch: int  # windows per network call at inference
+    checkpoint_every: int  # steps between last.pt writes (plus one at every epoch end)
 
     def __post_init__(self) -> None:
         key = "sr_reference"
@@ -397,49 +438,40 @@ class SrReferenceParams:
 
 
 # ------------------------------------------------------------------------------------------ evaluate
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluateParams:
-    split: Literal["test", "val"] = "test"  # val: to choose levers without looking at the test split
-    steps: int = 20  # DDIM (ddpm-trained) or rectified-flow steps per sampled volume
-    max_cases: int = 0  # 0 = every case of the test split
-    overlap: float = 0.25  # latent windows overlap when a volume exceeds the training patch
-    window_batch: int = 16  # latent windows per UNet call (5x faster than 1 on 2 CPU cores; GPU memory)
-    bspline_baseline: bool = True  # also report series 1 B-spline-interpolated onto series 2's grid
-    window_hu: tuple[float, float] = (-250.0, 450.0)  # display window of the PNG panels (CTPA: L 100, W 700)
-    nifti: bool = True  # write predictions as .nii.gz under data/predictions/
-    samples: int = 8  # decoded samples averaged per volume (a posterior-mean estimate)
-    decode: Literal["sample", "change"] = "sample"  # change: baseline + D(z) - D(E(baseline)) (VAE errors cancel)
-    consistency: bool = True  # model = the decoded sample projected onto series 1's slabs; false: the raw decode
-    slab_profile: Literal["box", "triangle", "gaussian"] = "box"  # series 1's slice sensitivity profile
-    lumen_ring_mm: float = 4.0  # embolus conspicuity: patent lumen within this distance of an embolus
-    defect_hu: float = 175.0  # false filling defects: lumen below this HU (midway, phantom lumen 300 / embolus 50)
+    split: Literal["test", "val"]  # val: to choose levers without looking at the test split
+    max_cases: int  # 0 = every case of the split
+    bspline_baseline: bool  # also report series 1 B-spline-interpolated onto series 2's grid
+    window_hu: tuple[float, float]  # display window of the PNG panels (CTPA: L 100, W 700)
+    nifti: bool  # write predictions as .nii.gz under data/predictions/
+    lumen_ring_mm: float  # embolus conspicuity: patent lumen within this distance of an embolus
+    defect_hu: float  # false filling defects: lumen below this HU (midway, phantom lumen 300 / embolus 50)
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "evaluate.steps", "must be >= 1")
         _require(self.lumen_ring_mm > 0, "evaluate.lumen_ring_mm", "must be > 0")
-        _require(self.samples >= 1, "evaluate.samples", "must be >= 1")
-        _require(self.window_batch >= 1, "evaluate.window_batch", "must be >= 1")
         _require(self.max_cases >= 0, "evaluate.max_cases", "must be >= 0 (0 = all)")
-        _require(0.0 <= self.overlap < 1.0, "evaluate.overlap", "must be in [0, 1)")
         _require(self.window_hu[0] < self.window_hu[1], "evaluate.window_hu", "must be [low, high]")
 
 
 # ------------------------------------------------------------------------------------------- all
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Params:
-    seed: int = 0  # the data: phantoms, the split (and evaluate's bootstrap)
-    train_seed: int = 0  # everything learnt or drawn after the data: VAE, UNet, reference, evaluate's samples
-    data: DataParams = field(default_factory=DataParams)
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
-    vae: VaeParams = field(default_factory=VaeParams)
-    vae_check: VaeCheckParams = field(default_factory=VaeCheckParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    sr_reference: SrReferenceParams = field(default_factory=SrReferenceParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    seed: int  # the data: phantoms, the split (and evaluate's bootstrap)
+    train_seed: int  # everything learnt or drawn after the data: VAE, UNet, reference, evaluate's samples
+    device: Literal["auto", "cpu", "cuda"]  # where the torch stages run
+    hu_range: tuple[float, float]  # clipped and mapped to [0, 1] by every VAE, network and metric
+    data: DataParams
+    preprocess: PreprocessParams
+    slab: SlabParams
+    vae: VaeParams
+    vae_check: VaeCheckParams
+    train: TrainParams
+    sr_reference: SrReferenceParams
+    evaluate: EvaluateParams
 
     def __post_init__(self) -> None:
-        _require(self.evaluate.steps <= self.train.num_train_timesteps, "evaluate.steps",
-                 f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps})")
+        _require(self.hu_range[0] < self.hu_range[1], "hu_range", "must be [low, high] with low < high")
 
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -447,17 +479,63 @@ DEFAULT_PARAMS_PATH = Path("params.yaml")
 
 def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS_PATH) -> Params:
     """Parse ``params.yaml`` into :class:`Params`; raises :class:`ParamsError` naming the bad key."""
+    return params_from_dict(read_params_yaml(path))
+
+
+def read_params_yaml(path: str | os.PathLike[str] = DEFAULT_PARAMS_PATH) -> dict[str, Any]:
+    """``params.yaml`` as a plain dict (not checked)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:
         raise ParamsError(f"{path} not found: run stages from the repository root") from exc
-    return params_from_dict(raw)
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:
-    """Build :class:`Params` from a plain dict (the parsed YAML); missing keys take defaults."""
+    """Build :class:`Params` from a plain dict (the parsed YAML); every key must be there."""
     return _build(Params, raw, "")
+
+
+def group_from_dict(cls: type, raw: dict[str, Any], key: str) -> Any:
+    """One params group (a dataclass of this module) from a plain dict, checked as :func:`params_from_dict` checks
+    it (``key``: its dotted name in messages), e.g. a model's recorded ``train.sampling``."""
+    return _build(cls, raw, key)
+
+
+def with_overrides(params: Params, overrides: Mapping[str, Any]) -> Params:
+    """``params`` with dotted keys replaced (``{"train.epochs": 2}``, as ``dvc exp run -S``), checked again.
+
+    A key that does not exist is an error, as it is for ``-S``."""
+    raw = set_dotted(to_dict(params), overrides)
+    return params_from_dict(raw)
+
+
+def set_dotted(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of the nested dict ``tree`` with dotted keys replaced; every key must exist."""
+    tree = copy.deepcopy(tree)
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise ParamsError(f"params.yaml: {dotted} is not a key")
+            node = node[key]
+        if leaf not in node:
+            raise ParamsError(f"params.yaml: {dotted} is not a key")
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return tree
+
+
+def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of every leaf (a value that is not a mapping) of a nested mapping."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(leaves(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
 
 
 def to_dict(obj: Any) -> Any:
@@ -481,12 +559,16 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"params.yaml: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    where = prefix or "top level"
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        where = prefix or "top level"
         raise ParamsError(f"params.yaml: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
-    kwargs = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in raw}
+    missing = [_join(prefix, n) for n in names if n not in raw]
+    if missing:
+        raise ParamsError(f"params.yaml: missing key(s) {missing}: params.yaml holds every knob (compare with the "
+                          f"repository's params.yaml)")
+    kwargs = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in names}
     return cls(**kwargs)
 
 

@@ -150,6 +150,7 @@ def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprin
         "series1": _series_summary(pair.series1),
         "series2": _series_summary(pair.series2),
         "warnings": [*pair.warnings, *grid_warnings],
+        "interpolator": p.interpolator,  # how source.npy was made from series 1 (a trained model needs the same)
         "fingerprint": fingerprint,
     }
     labels, case_labels = None, None

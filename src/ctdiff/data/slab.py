@@ -1,10 +1,11 @@
 """Slab consistency: what series 1 measures of a thin volume, and the projection onto that measurement.
 
 Series 1 (thick) and series 2 (thin) are two reconstructions of one scan, so each thick slice is, up to
-its own noise, a weighted average along the slice normal of the thin field inside its slab: its
-sensitivity profile (box by default: the mean over ``SliceThickness`` mm centred on the slice position).
-On the common grid (series 2's, ``meta.json`` ``grid``) that is a linear operator acting along the slice
-axis only,
+its own noise, a weighted average along the slice normal of the thin field around its position: the
+scanner's slice sensitivity profile (SSP, :class:`SliceProfile`). The profile is measured from the data (the
+slab stage fits it on the train pairs: :mod:`ctdiff.training.slab`) or one of the named shapes ``box``,
+``triangle`` and ``gaussian`` (full width at half maximum = the slice thickness). On the common grid
+(series 2's, ``meta.json`` ``grid``) it is a linear operator acting along the slice axis only,
 
     A: thin volume (D, H, W) -> what series 1 measures (S, H, W),   A = W (x) identity in-plane,
 
@@ -15,37 +16,142 @@ in-plane lattice at its own slice positions) is the smallest change that makes i
     P' = P + W^+ (m - A P),    W^+ = W^T (W W^T)^-1 (the pseudo-inverse: least squares when rank-deficient),
 
 so ``A P' = m`` exactly: the prediction keeps its within-slab detail (the part ``A`` cannot see) and takes
-everything ``A`` sees from the measurement. Non-overlapping box slabs reduce to adding each slab's
-residual to all of its thin slices; overlapping slabs (spacing < thickness) are coupled and solved
-jointly; thin slices in gaps between slabs (spacing > thickness) carry no weight and stay as they are.
-A slab that reaches outside the grid along the normal measures tissue the grid does not hold: it is
-kept only when at least ``min_coverage`` of its profile lies inside (its weights renormalised over that
-part), otherwise dropped, leaving its slices to the other slabs.
+everything ``A`` sees from the measurement. Neighbouring slabs whose profiles overlap (a bell-shaped SSP,
+or a spacing below the thickness) are coupled and solved jointly; thin slices in gaps between slabs carry
+no weight and stay as they are. A slab that reaches outside the grid along the normal measures tissue the
+grid does not hold: it is kept only when at least ``min_coverage`` of its profile lies inside (its weights
+renormalised over that part), otherwise dropped, leaving its slices to the other slabs.
 
-Written with NumPy rather than taken from a library: MONAI and SimpleITK have no slab-projection
-operator, and along one axis it is a small dense matrix (S x D, tens by hundreds).
+One case's operator and measurements are computed once, by the slab stage, and read from ``data/slab``
+(:class:`SlabCase`); ``ctdiff predict`` builds them for a new scan with the trained model's profile
+(:func:`case_slabs`). Written with NumPy rather than taken from a library: MONAI and SimpleITK have no
+slab-projection operator, and along one axis it is a small dense matrix (S x D, tens by hundreds).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ctdiff.data.grid import Grid, resample
-from ctdiff.data.processed import Case
+from ctdiff.io import atomic_path, digest
 
-Profile = Literal["box", "triangle", "gaussian"]
-PROFILES: tuple[str, ...] = ("box", "triangle", "gaussian")
+PROFILES: tuple[str, ...] = ("box", "triangle", "gaussian")  # the named shapes; "fitted" is measured
 MIN_COVERAGE = 0.95  # a slab with less of its profile inside the grid is not used as a constraint
 BLOCK_BYTES = 32 << 20  # forward / project work on blocks of rows (axis 1) of about this many float64 bytes
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
+# ------------------------------------------------------------------------------------------ profiles
+@dataclass(frozen=True)
+class SliceProfile:
+    """A slice sensitivity profile along the slice normal, in units of the slice thickness ``u = offset / T``.
+
+    Named shapes (``box``, ``triangle``, ``gaussian``) have FWHM 1. A ``fitted`` profile is piecewise linear:
+    ``taps[j]`` is the mass of a triangle (hat) of half-width ``step`` centred at ``u_j = (j - J) * step``
+    (``J = len(taps) // 2``), so the taps sum to 1 and ``taps / step`` is the density at the knots. Expressed in
+    thicknesses, one profile serves any thickness: a series thinner or thicker than the one it was fitted on
+    gets it scaled (``fitted_thickness_mm`` says which that was).
+    """
+
+    name: str
+    taps: tuple[float, ...] = ()
+    step: float = 0.0
+    fitted_thickness_mm: float | None = None
+    fit: dict[str, Any] = field(default_factory=dict, compare=False)  # how it was fitted (reporting only)
+
+    def __post_init__(self) -> None:
+        if self.name == "fitted":
+            if len(self.taps) % 2 != 1 or self.step <= 0:
+                raise ValueError(f"a fitted profile needs an odd number of taps and a step > 0, got "
+                                 f"{len(self.taps)} taps, step {self.step}")
+            if abs(sum(self.taps) - 1.0) > 1e-6 or min(self.taps) < -1e-9:
+                raise ValueError(f"a fitted profile's taps must be >= 0 and sum to 1, got {self.taps}")
+        elif self.name not in PROFILES:
+            raise ValueError(f"slab profile {self.name!r} is not one of {(*PROFILES, 'fitted')}")
+
+    @classmethod
+    def named(cls, name: str) -> SliceProfile:
+        return cls(name)
+
+    @property
+    def knots(self) -> np.ndarray:
+        """(J,) positions of a fitted profile's taps, in thicknesses."""
+        half = len(self.taps) // 2
+        return (np.arange(len(self.taps)) - half) * self.step
+
+    def cdf(self, u: np.ndarray) -> np.ndarray:
+        """Mass of the profile below ``u`` (thicknesses from the slab centre); float64, same shape as ``u``."""
+        u = np.asarray(u, dtype=np.float64)
+        if self.name != "fitted":
+            return _CDFS[self.name](u)
+        out = np.zeros(u.shape)
+        for tap, knot in zip(self.taps, self.knots.tolist()):
+            if tap:
+                out += tap * _triangle_cdf((u - knot) / self.step)
+        return out
+
+    def density(self, u: np.ndarray, du: float = 1e-4) -> np.ndarray:
+        """The profile's density at ``u`` (per thickness), by differencing the CDF."""
+        u = np.asarray(u, dtype=np.float64)
+        return (self.cdf(u + du / 2) - self.cdf(u - du / 2)) / du
+
+    def fwhm(self) -> float:
+        """Full width at half maximum, in thicknesses (1 for the named shapes, by definition)."""
+        if self.name != "fitted":
+            return 1.0
+        u = np.linspace(-self.support, self.support, 4001)
+        p = self.density(u)
+        above = u[p >= p.max() / 2]
+        return float(above[-1] - above[0])
+
+    @property
+    def support(self) -> float:
+        """Half-width of the profile's support, in thicknesses (the Gaussian's: 3 sigma)."""
+        if self.name == "fitted":
+            return (len(self.taps) // 2 + 1) * self.step
+        return {"box": 0.5, "triangle": 1.0, "gaussian": 3.0 * _FWHM_TO_SIGMA}[self.name]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.name == "fitted":
+            out.update(taps=[round(t, 8) for t in self.taps], step=self.step,
+                       fitted_thickness_mm=self.fitted_thickness_mm, fwhm=round(self.fwhm(), 6), fit=self.fit)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SliceProfile:
+        if obj["name"] != "fitted":
+            return cls.named(obj["name"])
+        taps = np.asarray(obj["taps"], dtype=np.float64)
+        taps = np.clip(taps, 0.0, None)
+        return cls("fitted", tuple((taps / taps.sum()).tolist()), float(obj["step"]),
+                   obj.get("fitted_thickness_mm"), dict(obj.get("fit") or {}))
+
+    @property
+    def digest(self) -> str:
+        """Identity of the profile (what the operator depends on), for resume keys and stale checks."""
+        return digest({"name": self.name, "taps": [round(t, 8) for t in self.taps], "step": self.step})
+
+    def describe(self) -> str:
+        if self.name != "fitted":
+            return f"{self.name} (FWHM = thickness)"
+        return (f"fitted ({len(self.taps)} taps every {self.step:g} thickness, FWHM {self.fwhm():.2f} thickness, "
+                f"on {self.fitted_thickness_mm:g} mm slices)")
+
+
+def as_profile(profile: SliceProfile | str) -> SliceProfile:
+    return profile if isinstance(profile, SliceProfile) else SliceProfile.named(profile)
+
+
+# ------------------------------------------------------------------------------------------ operator
 @dataclass(frozen=True)
 class SlabOperator:
     """``A`` of the module docstring for one case: series 1's slabs seen from the common grid.
@@ -63,41 +169,32 @@ class SlabOperator:
 
     @classmethod
     def from_geometry(cls, thin_positions_mm: Sequence[float], thin_extent_mm: float,
-                      slab_positions_mm: Sequence[float], thickness_mm: float, profile: Profile = "box",
-                      min_coverage: float = MIN_COVERAGE) -> SlabOperator:
+                      slab_positions_mm: Sequence[float], thickness_mm: float,
+                      profile: SliceProfile | str = "box", min_coverage: float = MIN_COVERAGE) -> SlabOperator:
         """From positions along one axis (mm): thin slice centres (each covering ``thin_extent_mm``) and
-        slab centres with their ``thickness_mm`` (the profile's full width at half maximum)."""
-        if profile not in PROFILES:
-            raise ValueError(f"slab profile {profile!r} is not one of {PROFILES}")
+        slab centres with their ``thickness_mm`` (the unit of the profile: a named shape's FWHM)."""
+        profile = as_profile(profile)
         if thickness_mm <= 0 or thin_extent_mm <= 0:
             raise ValueError(f"slab thickness {thickness_mm} mm and thin extent {thin_extent_mm} mm must be > 0")
         z = np.asarray(thin_positions_mm, dtype=np.float64)
         c = np.asarray(slab_positions_mm, dtype=np.float64)
-        cdf = _CDFS[profile]
-        # Mass of slab s's profile over thin voxel k's extent [z_k - e/2, z_k + e/2].
-        hi = cdf((z[None, :] + thin_extent_mm / 2.0 - c[:, None]) / thickness_mm)
-        lo = cdf((z[None, :] - thin_extent_mm / 2.0 - c[:, None]) / thickness_mm)
-        mass = np.clip(hi - lo, 0.0, None)
+        mass = np.clip(slab_masses(profile, z, thin_extent_mm, c, thickness_mm), 0.0, None)
         # Only what lies between the grid's ends counts as inside (adjacent voxels tile that span).
         coverage = mass.sum(axis=1)
         keep = coverage >= min_coverage
         weights = mass[keep] / coverage[keep, None]
-        return cls(weights, np.flatnonzero(keep), c[keep], float(thickness_mm), profile)
+        return cls(weights, np.flatnonzero(keep), c[keep], float(thickness_mm), profile.name)
 
     @classmethod
-    def for_case(cls, grid: Grid, series1_grid: Grid, thickness_mm: float | None, profile: Profile = "box",
-                 min_coverage: float = MIN_COVERAGE) -> SlabOperator:
+    def for_case(cls, grid: Grid, series1_grid: Grid, thickness_mm: float | None,
+                 profile: SliceProfile | str = "box", min_coverage: float = MIN_COVERAGE) -> SlabOperator:
         """From ``meta.json``: the common grid, series 1's grid and its SliceThickness (None: its spacing,
         the usual contiguous reconstruction). Series 1's slices are taken where their centres fall along
         the common grid's slice normal."""
         thickness = float(thickness_mm) if thickness_mm else float(series1_grid.spacing_mm[2])
-        normal = grid.matrix[:, 2]
-        _, h1, w1 = series1_grid.shape
-        centres = np.stack([series1_grid.physical_point([j, (h1 - 1) / 2, (w1 - 1) / 2])
-                            for j in range(series1_grid.shape[0])])
-        slab_mm = (centres - np.asarray(grid.origin_mm)) @ normal
         sz = float(grid.spacing_mm[2])
-        return cls.from_geometry(np.arange(grid.shape[0]) * sz, sz, slab_mm, thickness, profile, min_coverage)
+        return cls.from_geometry(np.arange(grid.shape[0]) * sz, sz, slab_positions(grid, series1_grid), thickness,
+                                 profile, min_coverage)
 
     @property
     def n_slabs(self) -> int:
@@ -154,20 +251,44 @@ class SlabOperator:
     def measurements(self, series1_hu: np.ndarray, series1_grid: Grid, grid: Grid) -> np.ndarray:
         """Series 1 as acquired, (S1, H1, W1) HU on its own grid -> (S, H, W) float32 HU: the kept slabs
         sampled on the common grid's rows and columns (linear in-plane; air outside series 1's view)."""
-        _, h, w = grid.shape
-        normal = grid.matrix[:, 2]
-        out = np.empty((self.n_slabs, h, w), np.float32)
-        for row, pos in enumerate(self.positions_mm.tolist()):
-            # One slice of the common lattice at the slab's position along the normal: on a shared
-            # in-plane lattice this lands exactly on series 1's slice (no interpolation along z).
-            origin = np.asarray(grid.origin_mm) + normal * pos
-            plane = Grid((1, h, w), grid.spacing_mm, tuple(origin.tolist()), grid.direction)
-            out[row] = resample(series1_hu, series1_grid, plane, "linear")[0]
-        return out
+        return slab_planes(series1_hu, series1_grid, grid, self.positions_mm)
 
     def _check_depth(self, thin: np.ndarray) -> None:
         if thin.ndim != 3 or thin.shape[0] != self.weights.shape[1]:
             raise ValueError(f"expected a (D, H, W) volume with D = {self.weights.shape[1]}, got {thin.shape}")
+
+
+def slab_positions(grid: Grid, series1_grid: Grid) -> np.ndarray:
+    """(S1,) centres of series 1's slices along the common grid's slice normal, mm from its slice 0."""
+    normal = grid.matrix[:, 2]
+    _, h1, w1 = series1_grid.shape
+    centres = np.stack([series1_grid.physical_point([j, (h1 - 1) / 2, (w1 - 1) / 2])
+                        for j in range(series1_grid.shape[0])])
+    return (centres - np.asarray(grid.origin_mm)) @ normal
+
+
+def slab_planes(series1_hu: np.ndarray, series1_grid: Grid, grid: Grid, positions_mm: Sequence[float]) -> np.ndarray:
+    """Series 1 (S1, H1, W1) HU resampled onto the common grid's rows and columns at each position along its
+    normal: (S, H, W) float32 HU (linear in-plane; air outside series 1's view)."""
+    _, h, w = grid.shape
+    normal = grid.matrix[:, 2]
+    out = np.empty((len(positions_mm), h, w), np.float32)
+    for row, pos in enumerate(np.asarray(positions_mm, dtype=np.float64).tolist()):
+        # One slice of the common lattice at the slab's position along the normal: on a shared in-plane
+        # lattice this lands exactly on series 1's slice (no interpolation along z).
+        origin = np.asarray(grid.origin_mm) + normal * pos
+        plane = Grid((1, h, w), grid.spacing_mm, tuple(origin.tolist()), grid.direction)
+        out[row] = resample(series1_hu, series1_grid, plane, "linear")[0]
+    return out
+
+
+def slab_masses(profile: SliceProfile, thin_positions_mm: np.ndarray, thin_extent_mm: float,
+                slab_positions_mm: np.ndarray, thickness_mm: float) -> np.ndarray:
+    """(S, D) mass of each slab's profile over each thin voxel's extent ``[z - e/2, z + e/2]`` (not renormalised)."""
+    z, c = np.asarray(thin_positions_mm, np.float64), np.asarray(slab_positions_mm, np.float64)
+    hi = profile.cdf((z[None, :] + thin_extent_mm / 2.0 - c[:, None]) / thickness_mm)
+    lo = profile.cdf((z[None, :] - thin_extent_mm / 2.0 - c[:, None]) / thickness_mm)
+    return hi - lo
 
 
 def _box_cdf(u: np.ndarray) -> np.ndarray:
@@ -192,19 +313,78 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])  # S x D values: no need for 
 _CDFS = {"box": _box_cdf, "triangle": _triangle_cdf, "gaussian": _gaussian_cdf}
 
 
-def case_consistency(meta: dict, series1_hu: np.ndarray, profile: str) -> tuple[SlabOperator, np.ndarray]:
-    """Series 1's slab operator on the case's common grid and its measurements, from ``meta.json``."""
+# ------------------------------------------------------------------------------------ one case's slabs
+def case_slabs(meta: dict, series1_hu: np.ndarray, profile: SliceProfile | str) -> tuple[SlabOperator, np.ndarray]:
+    """Series 1's slab operator on a case's common grid and its (S, H, W) measurements, from ``meta.json``
+    (``grid``, ``series1`` ``grid`` and ``slice_thickness``) and series 1 as acquired."""
     grid, grid1 = Grid.from_meta(meta["grid"]), Grid.from_meta(meta["series1"]["grid"])
-    operator = SlabOperator.for_case(grid, grid1, meta["series1"].get("slice_thickness"), profile)  # type: ignore[arg-type]
+    operator = SlabOperator.for_case(grid, grid1, meta["series1"].get("slice_thickness"), profile)
     return operator, operator.measurements(series1_hu, grid1, grid)
 
 
-def baseline_consistent(case: Case, profile: str) -> tuple[np.ndarray, SlabOperator, np.ndarray]:
-    """(evaluate's ``baseline_consistent`` of a case, its slab operator, its measurements).
+def consistent_baseline(source_hu: np.ndarray, operator: SlabOperator, measured: np.ndarray) -> np.ndarray:
+    """``baseline_consistent``: series 1 interpolated onto the thin grid ((D, H, W) HU, ``source.npy``) projected
+    onto its own slabs; (D, H, W) float32 HU. The one definition the slab stage and ``ctdiff predict`` use."""
+    return operator.project(np.asarray(source_hu, dtype=np.float32), measured=measured)
 
-    The volume is (D, H, W) float32 HU: ``source.npy`` (series 1 interpolated onto the common grid)
-    projected onto the slabs of ``series1.npy`` (series 1 as acquired) with ``profile``: the reference
-    network's input, and the train stage's condition when ``train.condition: consistent``.
+
+BASELINE_NPY, SLABS_NPZ = "baseline_consistent.npy", "slabs.npz"
+
+
+@dataclass(frozen=True)
+class SlabCase:
+    """One case of the slab stage's output (``data/slab/<case_id>/``): the operator, the measurements and the
+    projected baseline, all computed with the stage's profile.
+
+        baseline_consistent.npy   (D, H, W) float32 HU: source.npy projected onto series 1's slabs
+        slabs.npz                 weights (S, D), slab_index (S,), positions_mm (S,), measured (S, H, W) float32,
+                                  thickness_mm, profile (its name), profile_digest
     """
-    operator, measured = case_consistency(case.meta, case.load("series1"), profile)
-    return operator.project(np.asarray(case.load("source"), dtype=np.float32), measured=measured), operator, measured
+
+    case_id: str
+    folder: Path
+    operator: SlabOperator = field(repr=False)
+    measured: np.ndarray = field(repr=False)
+    profile_digest: str
+
+    @classmethod
+    def open(cls, slab_dir: Path, case_id: str) -> SlabCase:
+        folder = Path(slab_dir) / case_id
+        path = folder / SLABS_NPZ
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the slab stage (dvc repro slab)")
+        with np.load(path, allow_pickle=False) as z:
+            operator = SlabOperator(z["weights"], z["slab_index"], z["positions_mm"], float(z["thickness_mm"]),
+                                    str(z["profile"]))
+            return cls(case_id, folder, operator, z["measured"], str(z["profile_digest"]))
+
+    def baseline(self, mmap: bool = True) -> np.ndarray:
+        """(D, H, W) float32 HU, memory-mapped copy-on-write by default."""
+        return np.load(self.folder / BASELINE_NPY, mmap_mode="c" if mmap else None, allow_pickle=False)
+
+    def project(self, thin_hu: np.ndarray) -> np.ndarray:
+        """(D, H, W) HU onto series 1's slabs: float32."""
+        return self.operator.project(thin_hu, measured=self.measured)
+
+    @staticmethod
+    def write(folder: Path, operator: SlabOperator, measured: np.ndarray, baseline: np.ndarray,
+              profile: SliceProfile) -> None:
+        """Write one case into ``folder`` (each file atomically)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / SLABS_NPZ) as tmp, open(tmp, "wb") as f:
+            np.savez(f, weights=operator.weights, slab_index=operator.slab_index, positions_mm=operator.positions_mm,
+                     thickness_mm=np.float64(operator.thickness_mm), profile=np.str_(operator.profile),
+                     profile_digest=np.str_(profile.digest), measured=np.asarray(measured, np.float32))
+        with atomic_path(folder / BASELINE_NPY) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(baseline, dtype=np.float32), allow_pickle=False)
+
+
+PROFILE_JSON = "profile.json"
+
+
+def read_profile(profile_dir: Path) -> SliceProfile:
+    """The slab stage's profile (``models/slab/profile.json``)."""
+    path = Path(profile_dir) / PROFILE_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the slab stage (dvc repro slab)")
+    return SliceProfile.from_json(json.loads(path.read_text()))

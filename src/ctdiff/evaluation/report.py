@@ -85,7 +85,7 @@ def findings_line(scores: dict[str, dict[str, float]]) -> str:
 
 def log_results(live: Live, results: list[CaseResult], model: TrainedModel, params: Params) -> None:
     """metrics.json (means, paired gains, what produced them), the findings plots and per_case.csv."""
-    ep = params.evaluate
+    ep, sampling = params.evaluate, model.sampling
     per_case = [r.scores for r in results]
     for rung, metrics in summarise(per_case).items():
         for name in (*METRIC_NAMES, *STRUCTURE_METRICS, *UNCERTAINTY_METRICS):
@@ -108,11 +108,11 @@ def log_results(live: Live, results: list[CaseResult], model: TrainedModel, para
     live.summary.update({"vae": {"codec": model.vae.name, "weights": model.vae.weights},
                          "checkpoint": model.checkpoint,
                          "split": ep.split,
-                         "sampler": {"scheduler": model.train_params.scheduler, "steps": ep.steps,
-                                     "samples": ep.samples, "decode": ep.decode,
+                         "sampler": {"scheduler": model.train_params.scheduler, "steps": sampling.steps,
+                                     "samples": sampling.samples, "decode": sampling.decode,
                                      "residual": model.latent_target.residual,
                                      "condition": model.train_params.condition},
-                         "consistency": {"model_projected": ep.consistency, "profile": ep.slab_profile}})
+                         "consistency": {"model_projected": sampling.consistency, "profile": model.profile.name}})
     write_per_case_csv(Path(live.dir) / "per_case.csv", [r.row() for r in results])
 
 

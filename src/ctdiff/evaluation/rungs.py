@@ -6,7 +6,7 @@ projection (:mod:`ctdiff.data.slab`), so their differences are the differences b
 between draws. :data:`RUNGS` lists them in the order evaluate reports them; each :class:`Rung` says how it
 is built from the inputs (and the rungs it needs), whether it is projected, and how the PNG panels show it:
 
-- ``model``: the decoded sample projected onto series 1's slabs (``evaluate.consistency``, default) or
+- ``model``: the decoded sample projected onto series 1's slabs (``sampling.consistency``, default) or
   the raw decode (``consistency: false``). ``data/predictions`` holds this one.
 - ``model_raw``: the decoded sample as the decoder produced it.
 - ``reference``: the plain supervised super-resolution network (the ``sr_reference`` stage,
@@ -14,11 +14,12 @@ is built from the inputs (and the rungs it needs), whether it is projected, and 
   user would pick instead of latent diffusion.
 - ``baseline``: series 1 linearly interpolated onto the grid (``source.npy``).
 - ``baseline_bspline``: the same with a cubic B-spline (``evaluate.bspline_baseline``).
-- ``baseline_consistent``: ``baseline`` projected onto the slabs: the honest baseline for a projected model.
+- ``baseline_consistent``: ``baseline`` projected onto the slabs (the slab stage computes it): the honest
+  baseline for a projected model.
 - ``vae_ceiling`` / ``vae_ceiling_consistent``: the truth encoded and decoded (the best the latent space
   holds), raw and projected.
 
-With ``evaluate.decode: change`` a decode ``D(z)`` enters the ladder as the change it makes to the
+With ``sampling.decode: change`` a decode ``D(z)`` enters the ladder as the change it makes to the
 baseline, ``baseline + D(z) - D(E(baseline))`` (:func:`ctdiff.inference.sampling.decoded_change`), for the
 model and the ceiling alike: what the VAE gets wrong in both decodes the same way (in-plane blur, a bias)
 cancels, and the ceiling stays the ceiling of what the model's output can reach.
@@ -44,9 +45,10 @@ class LadderInputs:
     model_spread: np.ndarray | None  # per-voxel spread of the draws the model rung averages; None for one draw
     vae_ceiling: np.ndarray  # the truth encoded and decoded
     baseline: np.ndarray  # source.npy: series 1 linearly interpolated
+    baseline_consistent: np.ndarray  # the slab stage's: baseline projected onto series 1's slabs
     baseline_bspline: np.ndarray | None  # series 1 B-spline-interpolated, or None (evaluate.bspline_baseline)
     project: Project  # onto series 1's slabs
-    consistency: bool  # evaluate.consistency: project the model and the reference
+    consistency: bool  # the model's sampling.consistency: project the model and the reference
     reference: Project | None  # baseline_consistent -> the reference network's raw output; None: no rung
 
 
@@ -93,7 +95,7 @@ RUNGS: tuple[Rung, ...] = (
          headline=True, findings=True),
     Rung("baseline", lambda i, _: i.baseline, _never),
     Rung("baseline_bspline", lambda i, _: i.baseline_bspline, _never),
-    Rung("baseline_consistent", lambda i, _: i.project(i.baseline), _always, column="baseline_consistent",
+    Rung("baseline_consistent", lambda i, _: i.baseline_consistent, _always, column="baseline_consistent",
          headline=True, findings=True),
     Rung("vae_ceiling", lambda i, _: i.vae_ceiling, _never),
     Rung("vae_ceiling_consistent", lambda i, _: i.project(i.vae_ceiling), _always, headline=True),

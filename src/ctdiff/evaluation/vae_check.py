@@ -20,37 +20,30 @@ from tqdm import tqdm
 from ctdiff.data.processed import split_cases
 from ctdiff.evaluation.figures import orthogonal_panel
 from ctdiff.metrics.image import METRIC_NAMES, mean_metrics, reconstruction_metrics
-from ctdiff.models.vae.base import Direction, LatentCodec
-from ctdiff.models.vae.weights import load_codec
+from ctdiff.models.vae.weights import load_vae
 from ctdiff.params import Params
-
-
-def round_trip(codec: LatentCodec, hu: np.ndarray, direction: Direction | None = None
-               ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(D, H, W) HU -> (reconstruction (D, H, W) float32 HU, latent shape (C, d, h, w))."""
-    latent = codec.encode_hu(torch.from_numpy(hu)[None, None], direction)
-    recon = codec.decode_hu(latent, hu.shape, direction)
-    return recon[0, 0].numpy(), tuple(latent.shape[1:])
 
 
 def check_vae(params: Params, processed_dir: Path, vae_dir: Path, live: Live,
               device: torch.device | str = "cpu") -> dict[str, Any]:
     """Round-trip ``vae_check.max_cases`` cases of ``vae_check.split``; log to ``live``; return the summary."""
-    codec, manifest = load_codec(vae_dir, params.vae, device)
+    codec = load_vae(vae_dir, device)
+    manifest = codec.manifest
     cases = split_cases(processed_dir, params.vae_check.split, params.vae_check.max_cases)
     per_case = []
     for case in tqdm(cases, desc="vae_check", unit="volume"):
         target = case.load("target")
         started = time.perf_counter()
-        recon, latent_shape = round_trip(codec, target, case.grid.direction)
+        recon = codec.round_trip(target, case.grid.direction)
+        latent_shape = codec.latent_shape(target.shape)
         seconds = time.perf_counter() - started
-        values = reconstruction_metrics(recon, target, codec.hu_range)
+        values = reconstruction_metrics(recon, target, params.hu_range)
         per_case.append({"case_id": case.case_id, **values, "seconds": seconds,
                          "latent_shape": "x".join(map(str, latent_shape)),
                          "compression_ratio": codec.compression_ratio(target.shape)})
-        title = (f"{case.case_id}: {manifest['codec']} ({manifest['weights']['source']}), "
+        title = (f"{case.case_id}: {manifest['codec']} ({manifest['weights']['origin']}), "
                  f"psnr_body {values['psnr_body']:.1f} dB, mae_hu_body {values['mae_hu_body']:.0f} HU")
-        live.log_image(f"{case.case_id}.png", orthogonal_panel(target, recon, case.spacing_mm, codec.hu_range, title))
+        live.log_image(f"{case.case_id}.png", orthogonal_panel(target, recon, case.spacing_mm, params.hu_range, title))
 
     summary: dict[str, Any] = {
         **mean_metrics(per_case),

@@ -4,10 +4,12 @@ Each input is a case zip in the APE-data layout (its folder ``1/``; ``2/`` is no
 files (the thick axial series picked as preprocess picks it) or a NIfTI volume (slice thickness from
 ``--thickness-mm``, default its z spacing). For each the thin series is sampled on the grid the model was
 trained for: series 1's in-plane grid, the training thin spacing along z, covering series 1's slabs. It
-goes through exactly the path evaluate's ``model`` rung takes (:func:`ctdiff.inference.sampling.sample_thin`,
-``evaluate.decode``, the slab projection with ``evaluate.slab_profile`` when ``evaluate.consistency``), so a
-test case predicted here equals evaluate's ``data/predictions`` for the same seed and params. Written per
-input, each file complete or absent (built in a temporary folder, then renamed into place):
+goes through exactly the path evaluate's ``model`` rung takes (:func:`ctdiff.inference.sampling.predict_thin`
+with the sampling defaults the model carries, the slab projection with the model's slice profile), so a test
+case predicted here equals evaluate's ``data/predictions`` for the same seed. The profile is in units of the
+slice thickness: a series thicker or thinner than the training pairs gets it scaled to its own thickness
+(predict says so). Written per input, each file complete or absent (built in a temporary folder, then renamed
+into place):
 
 - ``<name>.nii.gz``: the thin series, int16 HU;
 - ``<name>/``: the same volume as a DICOM CT series (``IM00000.dcm`` ...): new SeriesInstanceUID and
@@ -45,7 +47,7 @@ from ctdiff.data.dicom import CaseRejected, read_thick_series
 from ctdiff.data.dicom_write import SeriesSpec, write_series
 from ctdiff.data.grid import Grid, image_from_array, resample, to_int16_hu
 from ctdiff.data.safezip import UnsafeZipError
-from ctdiff.data.slab import SlabOperator
+from ctdiff.data.slab import SlabOperator, consistent_baseline
 from ctdiff.inference.sampling import TrainedModel, predict_thin
 from ctdiff.params import Params
 
@@ -168,33 +170,42 @@ def thin_grid(thick: Grid, thin_mm: float) -> Grid:
 
 
 def geometry_warnings(scan: Scan, model: TrainedModel) -> list[str]:
-    """Thickness, slice spacing and pixel size of the thick series against what the model was trained on."""
+    """Thickness, slice spacing and pixel size of the thick series against what the model was trained on, and
+    what becomes of the slice profile (scaled to this thickness)."""
     trained = model.geometry
     pairs = (("slice thickness", scan.thickness_mm, trained.get("series1_thickness_mm")),
              ("slice spacing", float(scan.grid.spacing_mm[2]), trained.get("series1_spacing_mm")),
              ("pixel spacing", float(scan.grid.spacing_mm[0]), trained.get("series1_pixel_mm")))
-    return [f"{what} {value:g} mm differs from the {expected:g} mm the model was trained on by "
-            f"{abs(value / expected - 1):.0%}: the prediction may be poor"
-            for what, value, expected in pairs if expected and abs(value / expected - 1) > GEOMETRY_TOLERANCE]
+    out = [f"{what} {value:g} mm differs from the {expected:g} mm the model was trained on by "
+           f"{abs(value / expected - 1):.0%}: the prediction may be poor"
+           for what, value, expected in pairs if expected and abs(value / expected - 1) > GEOMETRY_TOLERANCE]
+    profile = model.profile
+    fitted_on = profile.fitted_thickness_mm or trained.get("series1_thickness_mm")
+    if fitted_on and abs(scan.thickness_mm / fitted_on - 1) > GEOMETRY_TOLERANCE:
+        out.append(f"the {profile.name} slice profile (from {fitted_on:g} mm slices) is scaled to this series' "
+                   f"{scan.thickness_mm:g} mm: same shape, {scan.thickness_mm / fitted_on:.2f}x as wide")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ predict
-def predict_scan(model: TrainedModel, params: Params, scan: Scan, seed: int, progress: bool = False) -> Prediction:
+def predict_scan(model: TrainedModel, scan: Scan, seed: int, progress: bool = False) -> Prediction:
     """The thin series for ``scan``: what evaluate's ``model`` rung is for a test case (module docstring)."""
-    ep = params.evaluate
     thin_mm = float((model.geometry.get("thin_spacing_mm") or [0, 0, 0])[2])
     if thin_mm <= 0:
         raise PredictError("the checkpoint does not record the thin spacing it was trained on: rerun the train stage")
     grid = thin_grid(scan.grid, thin_mm)
-    # As preprocess and evaluate have them: series 1 and its interpolation onto the thin grid, int16 HU.
+    # As preprocess and the slab stage have them: series 1 and its interpolation onto the thin grid, int16 HU,
+    # and that projected onto series 1's slabs with the model's profile.
     series1 = to_int16_hu(scan.hu)
-    source = to_int16_hu(resample(scan.hu, scan.grid, grid, params.preprocess.interpolator))
-    operator = SlabOperator.for_case(grid, scan.grid, scan.thickness_mm, ep.slab_profile)
+    source = to_int16_hu(resample(scan.hu, scan.grid, grid, model.card.get("interpolator", "linear")))
+    operator = SlabOperator.for_case(grid, scan.grid, scan.thickness_mm, model.profile)
     if operator.n_slabs == 0:
         raise PredictError("no slab of series 1 lies inside the thin grid")
-    project = partial(operator.project, measured=operator.measurements(series1, scan.grid, grid))
-    thin = predict_thin(model, params, source, seed, grid.direction, project, progress=progress)
-    hu = to_int16_hu(project(thin.raw) if ep.consistency else thin.raw)
+    measured = operator.measurements(series1, scan.grid, grid)
+    project = partial(operator.project, measured=measured)
+    baseline = consistent_baseline(source, operator, measured)
+    thin = predict_thin(model, source, baseline, seed, grid.direction, project, progress=progress)
+    hu = to_int16_hu(project(thin.raw) if model.sampling.consistency else thin.raw)
     return Prediction(grid, hu, thin.spread, thin.samples)
 
 
@@ -203,7 +214,7 @@ def derived_series_spec(scan: Scan, prediction: Prediction, model: TrainedModel,
     """The header of the derived DICOM series (module docstring)."""
     header = scan.header
     source_uid = str(getattr(header, "SeriesInstanceUID", "")) if header is not None else _file_digest(scan)
-    weights = model.vae.weights.get("source", "?")
+    weights = model.vae.weights.get("origin", "?")
     description = (f"ctdiff {prediction.grid.spacing_mm[2]:g} mm from {scan.thickness_mm:g} mm; "
                    f"{model.vae.name} VAE {weights}; step {model.checkpoint['step']}")[:64]
     inherited = Dataset()
@@ -302,7 +313,7 @@ def predict_inputs(inputs: Sequence[Path], out_dir: Path, model: TrainedModel, p
             outcome.warnings = scan.warnings + geometry_warnings(scan, model)
             for warning in outcome.warnings:
                 say(f"predict: {outcome.source}: warning: {warning}")
-            prediction = predict_scan(model, params, scan, seed, progress=progress)
+            prediction = predict_scan(model, scan, seed, progress=progress)
             outcome.written = write_prediction(out_dir, scan, prediction, model, anonymize)
             names[name] = outcome.source
             if prediction.spread is None:

@@ -2,17 +2,21 @@
 
 - :func:`load_trained_model`: the UNet of ``models/checkpoints`` (``best.pt``, else ``last.pt``), the VAE of
   ``models/vae`` (with the fine-tuned weights when training changed them), the latent scale factor and the
-  latent target (residual or not) the checkpoint was trained with.
+  latent target (residual or not) the checkpoint was trained with, and ``model.json``: the sampling defaults
+  (``train.sampling`` as trained; :meth:`TrainedModel.with_sampling` overrides them, as predict's flags do) and
+  the slab profile its predictions are projected with. No params are read: a copy of the models folder
+  samples the same anywhere.
 - :func:`sample_thin`: series 1 on the thin grid in, series 2 out: the condition is the posterior mean of
   series 1's latent; one latent is sampled per draw (DDIM for a DDPM-trained model, Euler steps for
   rectified flow; one seeded stream, successive draws), decoded, and the decodes averaged in HU (an
   estimate of the posterior mean, which is what PSNR and MAE reward). Volumes larger than the training
   patch are sampled window by window (:class:`WindowedDenoiser`), so any size works.
-- :func:`vae_round_trip`: encode (posterior mean) and decode, for the VAE ceiling and ``decode: change``.
+- :func:`predict_thin`: the one path of evaluate's ``model_raw`` and ``ctdiff predict``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +28,13 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 from tqdm import tqdm
 
-from ctdiff.models.checkpoint import load_checkpoint
+from ctdiff.data.slab import SliceProfile
+from ctdiff.models.checkpoint import load_checkpoint, read_model_card
 from ctdiff.models.denoiser import build_unet, crop_latent, latent_patch_shape, pad_latent
 from ctdiff.models.diffusion import LatentTarget, sample, sampling_scheduler
-from ctdiff.models.vae.adapter import VaeAdapter
-from ctdiff.params import Params, TrainParams, UnetParams, params_from_dict
+from ctdiff.models.vae.base import LatentCodec
+from ctdiff.models.vae.weights import load_vae
+from ctdiff.params import SamplingParams, TrainParams, UnetParams, group_from_dict
 
 CHECKPOINTS = ("best.pt", "last.pt")  # best by val loss; last when no validation improved on the first
 
@@ -38,17 +44,38 @@ class TrainedModel:
     """A trained model ready to sample: the denoiser and the noise process as the checkpoint trained them."""
 
     unet: nn.Module
-    vae: VaeAdapter
+    vae: LatentCodec
     scale_factor: float
     latent_target: LatentTarget
     latent_patch: tuple[int, int, int]
     train_params: TrainParams  # the checkpoint's: its UNet, patch, scheduler and prediction
     checkpoint: dict[str, Any]  # file, step, epoch
-    geometry: dict[str, Any]  # what the model was trained on (:func:`ctdiff.training.ldm.training_geometry`)
+    card: dict[str, Any]  # model.json (:func:`ctdiff.training.ldm.model_card`)
+    sampling: SamplingParams  # how it samples: model.json's train.sampling, or what with_sampling set
 
     @property
     def unet_params(self) -> UnetParams:
         return self.train_params.unet
+
+    @property
+    def geometry(self) -> dict[str, Any]:
+        """What the model was trained on (:func:`ctdiff.training.ldm.training_geometry`)."""
+        return dict(self.card.get("geometry") or {})
+
+    @property
+    def profile(self) -> SliceProfile:
+        """The slab profile the model's predictions are projected with (the slab stage's, when it trained)."""
+        return SliceProfile.from_json(self.card["slab_profile"])
+
+    def with_sampling(self, **changes: Any) -> TrainedModel:
+        """The same model sampled otherwise (``steps=4``, ``samples=1``, ...); None values are ignored."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        raw = {**dataclasses.asdict(self.sampling), **changes}
+        sampling = group_from_dict(SamplingParams, raw, "sampling")
+        if sampling.steps > self.train_params.num_train_timesteps:
+            raise ValueError(f"{sampling.steps} sampling steps: the model was trained with "
+                             f"{self.train_params.num_train_timesteps} timesteps, the most it can take")
+        return dataclasses.replace(self, sampling=sampling)
 
 
 class WindowedDenoiser(nn.Module):
@@ -68,14 +95,16 @@ class WindowedDenoiser(nn.Module):
         return self.inferer(x, self.unet, timesteps=timesteps, context=context)
 
 
-def load_trained_model(params: Params, vae_dir: Path, ckpt_dir: Path, device: torch.device) -> TrainedModel:
-    """The UNet, the VAE (with its fine-tuned weights when training changed them) and the scale factor."""
+def load_trained_model(vae_dir: Path, ckpt_dir: Path, device: torch.device) -> TrainedModel:
+    """The UNet, the VAE (with its fine-tuned weights when training changed them), the scale factor and
+    ``model.json``."""
     path = next((ckpt_dir / name for name in CHECKPOINTS if (ckpt_dir / name).is_file()), None)
     if path is None:
         raise FileNotFoundError(f"no trained model: no {' or '.join(CHECKPOINTS)} in {ckpt_dir}: run the train stage "
                                 f"(dvc repro)")
+    card = read_model_card(ckpt_dir)
     ckpt = load_checkpoint(path)
-    vae = VaeAdapter.load(vae_dir, params.vae, device)
+    vae = load_vae(vae_dir, device)
     if ckpt.get("codec") not in (None, vae.name):
         raise ValueError(f"{path} was trained with the {ckpt['codec']} VAE but {vae_dir} holds {vae.name}: "
                          "rerun the train stage (dvc repro)")
@@ -84,15 +113,15 @@ def load_trained_model(params: Params, vae_dir: Path, ckpt_dir: Path, device: to
     vae.set_trainable("none")
     # The denoiser and its noise process as trained (not as params.yaml says now): a copy of the models
     # folder samples with the UNet, patch and scheduler it was trained with.
-    tp = params_from_dict({"train": ckpt["train_params"]}).train
+    tp = group_from_dict(TrainParams, ckpt["train_params"], "train")
     unet = build_unet(tp.unet, vae.latent_channels)
     unet.load_state_dict(ckpt["unet"])
     unet.to(device).eval()
     latent_patch = latent_patch_shape(tp.patch, vae.downsample, tp.unet.latent_multiple, vae.name)
     latent_target = LatentTarget(tp.residual, float(ckpt.get("residual_gain") or 1.0))
     return TrainedModel(unet, vae, float(ckpt["scale_factor"]), latent_target, tuple(latent_patch), tp,
-                        {"file": path.name, "step": int(ckpt["step"]), "epoch": int(ckpt["epoch"])},
-                        dict(ckpt.get("geometry") or {}))
+                        {"file": path.name, "step": int(ckpt["step"]), "epoch": int(ckpt["epoch"])}, card,
+                        group_from_dict(SamplingParams, card["sampling"], "sampling"))
 
 
 @dataclass
@@ -105,18 +134,17 @@ class Samples:
 
 
 @torch.no_grad()
-def sample_thin(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int,
-                direction: Sequence[float] | None = None,
+def sample_thin(model: TrainedModel, source_hu: np.ndarray, seed: int, direction: Sequence[float] | None = None,
                 spread_of: Callable[[np.ndarray], np.ndarray] | None = None, progress: bool = False) -> Samples:
     """Sample series 2 given the condition on its grid (series 1, or its slab projection: (D, H, W) HU), the
-    ``evaluate.samples`` decoded draws averaged (see the module docstring). ``direction``: the grid's
+    ``model.sampling.samples`` decoded draws averaged (see the module docstring). ``direction``: the grid's
     (SimpleITK, LPS).
 
     ``spread_of``: an affine map applied to each draw before its spread is taken (evaluate and predict pass
     the slab projection, so the spread is that of what the ``model`` rung averages); the mean is of the draws
     as decoded. Running sums (Welford) in float32 keep three volumes, whatever the number of draws.
     """
-    ep = params.evaluate
+    ep = model.sampling
     device = next(model.unet.parameters()).device
     hu = torch.from_numpy(source_hu.astype(np.float32))[None, None].to(device)
     # The posterior mean conditions sampling: the deterministic code of series 1.
@@ -157,22 +185,22 @@ class ThinPrediction:
     anchor: np.ndarray | None  # D(E(condition)) when evaluate.decode: change, else None
 
 
-def predict_thin(model: TrainedModel, params: Params, source_hu: np.ndarray, seed: int,
+def predict_thin(model: TrainedModel, source_hu: np.ndarray, baseline_hu: np.ndarray, seed: int,
                  direction: Sequence[float] | None, project: Callable[[np.ndarray], np.ndarray],
                  progress: bool = False) -> ThinPrediction:
-    """Evaluate's ``model_raw`` for a (D, H, W) ``source_hu`` (series 1 on the thin grid, int16 HU): the
-    condition the checkpoint was trained with (``train.condition``: the source, or ``project(source)``), the
-    draws (:func:`sample_thin`, their spread taken after ``project`` when ``evaluate.consistency``), and with
-    ``evaluate.decode: change`` the mean read as the change it makes to the condition. The one path of
+    """Evaluate's ``model_raw`` for one volume: ``source_hu`` (series 1 interpolated onto the thin grid) and
+    ``baseline_hu`` (that projected onto its slabs, :func:`ctdiff.data.slab.consistent_baseline`), both (D, H, W)
+    HU. The condition is the one the model was trained with (``train.condition``), the draws come from
+    :func:`sample_thin` (their spread taken after ``project`` when ``sampling.consistency``), and with
+    ``sampling.decode: change`` the mean is read as the change it makes to the condition. The one path of
     evaluate and ``ctdiff predict``."""
-    ep = params.evaluate
-    source = np.asarray(source_hu, dtype=np.float32)
-    condition = project(source) if model.train_params.condition == "consistent" else source
-    samples = sample_thin(model, params, condition, seed, direction, spread_of=project if ep.consistency else None,
+    ep = model.sampling
+    condition = np.asarray(baseline_hu if model.train_params.condition == "consistent" else source_hu, np.float32)
+    samples = sample_thin(model, condition, seed, direction, spread_of=project if ep.consistency else None,
                           progress=progress)
     raw, anchor = samples.mean, None
     if ep.decode == "change":
-        anchor = vae_round_trip(model.vae, condition, direction)
+        anchor = model.vae.round_trip(condition, direction)
         raw = decoded_change(raw, condition, anchor)
     return ThinPrediction(raw, samples.spread, samples.n, condition, anchor)
 
@@ -194,10 +222,3 @@ def decoded_change(decoded: np.ndarray, baseline: np.ndarray, baseline_decoded: 
     return (np.asarray(baseline, np.float32) + np.asarray(decoded, np.float32)
             - np.asarray(baseline_decoded, np.float32))
 
-
-@torch.no_grad()
-def vae_round_trip(vae: VaeAdapter, hu: np.ndarray, direction: Sequence[float] | None = None) -> np.ndarray:
-    """Encode (posterior mean) and decode: (D, H, W) HU -> (D, H, W) float32 HU."""
-    device = next(vae.module.parameters()).device
-    x = torch.from_numpy(hu.astype(np.float32))[None, None].to(device)
-    return vae.decode_hu(vae.encode_posterior_hu(x, direction).mean, hu.shape, direction)[0, 0].float().cpu().numpy()

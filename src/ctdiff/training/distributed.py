@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ctdiff.device import pick_device
-from ctdiff.params import TrainParams
 
 # How long a process waits for the others in a collective before the job fails with an error (gloo and
 # NCCL alike): long enough for rank 0's validation and checkpoint writes at the end of an epoch, which the
@@ -60,10 +59,11 @@ class DistEnv:
         return self.rank == 0
 
     @classmethod
-    def setup(cls, tp: TrainParams) -> DistEnv:
+    def setup(cls, device_choice: str) -> DistEnv:
+        """This process's place and device (``device_choice``: the ``device`` param, auto | cpu | cuda)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = pick_device(tp.device, local_rank)
+        device = pick_device(device_choice, local_rank)
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.set_device(device)

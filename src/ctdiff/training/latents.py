@@ -1,6 +1,6 @@
 """What the train stage feeds the UNet: cached posteriors and patches cut at one place from source and target.
 
-Two parts (the VAE itself is reached through :class:`ctdiff.models.vae.adapter.VaeAdapter`):
+Two parts (the VAE is :class:`ctdiff.models.vae.base.LatentCodec`):
 
 - :class:`LatentCache`: every training volume (source and target) encoded once by the frozen VAE, its
   posterior kept in memory (and optionally on disk) so a frozen-phase step costs only the UNet.
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ctdiff.data.processed import Case, digest
-from ctdiff.io import atomic_path
-from ctdiff.models.vae.adapter import Posterior, VaeAdapter
+from ctdiff.data.processed import Case
+from ctdiff.io import atomic_path, digest
+from ctdiff.models.vae.base import LatentCodec, Posterior
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -52,9 +52,9 @@ class LatentCache:
         self.cases = cases
 
     @classmethod
-    def build(cls, vae: VaeAdapter, cases: Sequence[Case], cache_dir: Path | None = None,
+    def build(cls, vae: LatentCodec, cases: Sequence[Case], cache_dir: Path | None = None,
               progress: bool = True, volumes: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-              condition: str = "source") -> LatentCache:
+              condition: str = "interpolated") -> LatentCache:
         """Encode each case's (condition, target) volumes (default: its ``source.npy`` and ``target.npy``;
         ``volumes`` gives others, e.g. the slab-consistent baseline as the condition, named by ``condition``)."""
         folder = None

@@ -1,7 +1,8 @@
 """The train stage: conditional latent diffusion (series 1 -> series 2) with a frozen-then-unfrozen VAE.
 
 The loop is :func:`_train`, top to bottom; each phase around it is a named step (as MAISI's
-``diff_model_train.py`` has them): :func:`prepare_data`, :func:`load_models`, :func:`make_optimizer`,
+``diff_model_train.py`` has them): :func:`prepare_data` (the condition: ``source.npy``, or the slab stage's
+``baseline_consistent`` with ``train.condition: consistent``), :func:`load_models`, :func:`make_optimizer`,
 :func:`restore` (resume or start fresh, :class:`~ctdiff.training.scaffold.TrainingRun`),
 :func:`encode_training_latents` (the latent cache and the scale factor), then for each epoch either
 
@@ -20,15 +21,19 @@ The loop is :func:`_train`, top to bottom; each phase around it is a named step 
 each step being :func:`step_losses` then :func:`optimizer_step`; then validate (:class:`Validation`: fixed
 val patches, noise and timesteps, so the loss is comparable across epochs), log to dvclive, and checkpoint.
 ``last.pt`` is written every ``train.checkpoint_every`` steps and at every epoch end; ``best.pt`` when the
-val loss improves.
+val loss improves. ``model.json`` (:func:`ctdiff.models.checkpoint.write_model_card`) is written last, also by a
+run that finds its training already complete: what evaluate and ``ctdiff predict`` need to use the model
+(``train.sampling``, the slab profile, the intensity range, the condition, the training geometry), so a
+change of the sampling defaults reruns this stage only to rewrite it.
 
 The latent scale factor (1 / std of the cached training target latents, MAISI's method) is computed here
 once, from the latents this stage encodes anyway, and stored in every checkpoint; sampling reads it from
 there. Resume: ``last.pt`` whose params hash matches continues exactly where it stopped (model,
 optimizers, LR schedule, RNG streams, partial-epoch statistics); otherwise training starts fresh and says
-why. SIGTERM/SIGINT finish the current step, write ``last.pt`` and raise
-:class:`~ctdiff.training.scaffold.TrainInterrupted`; a non-finite loss raises
-:class:`~ctdiff.training.scaffold.TrainingDiverged` naming the step, before anything of that step is
+why. The hash covers what shapes the model: the train params but ``NOT_SHAPING``, the seed, the VAE, the data
+and, for a consistent condition, the slab profile it was projected with. SIGTERM/SIGINT finish the current
+step, write ``last.pt`` and raise :class:`~ctdiff.training.scaffold.TrainInterrupted`; a non-finite loss
+raises :class:`~ctdiff.training.scaffold.TrainingDiverged` naming the step, before anything of that step is
 written. Under ``torchrun`` see :mod:`ctdiff.training.distributed`: each process encodes the whole training
 set for its cache.
 """
@@ -38,10 +43,9 @@ from __future__ import annotations
 import math
 import random
 import signal
-import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +57,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ctdiff.data.processed import Case, split_cases
-from ctdiff.data.slab import baseline_consistent
+from ctdiff.data.slab import SlabCase, SliceProfile, read_profile
 from ctdiff.metrics.image import psnr
+from ctdiff.models.checkpoint import write_model_card
 from ctdiff.models.denoiser import build_unet, latent_patch_shape
 from ctdiff.models.diffusion import LatentTarget, diffusion_loss, training_scheduler
-from ctdiff.models.vae.adapter import VaeAdapter
+from ctdiff.models.vae.base import LatentCodec
+from ctdiff.models.vae.weights import load_vae
 from ctdiff.params import Params, TrainParams, to_dict
 from ctdiff.training.distributed import DistEnv, autocast_dtype, peak_memory_mb
 from ctdiff.training.latents import LatentCache, PatchSampler, cut_patch, epoch_order, rank_batches, recon_block
@@ -75,17 +81,19 @@ from ctdiff.training.scaffold import (
 )
 
 LATENT_CACHE_DIR = "latents"
-# train params that change how a run executes or is observed, not the model it produces
-NOT_SHAPING = ("device", "precision", "checkpoint_every", "latent_cache")
+# train params that change how a run executes, is observed or is sampled later, not the weights it produces
+NOT_SHAPING = ("precision", "checkpoint_every", "latent_cache", "sampling")
 
 
 # ------------------------------------------------------------------------------------------- train
-def train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,
-          progress: bool = True) -> TrainResult:
-    """Run (or resume) the train stage; see the module docstring. Returns what happened."""
-    env = DistEnv.setup(params.train)
+def train(params: Params, processed_dir: Path, slab_dir: Path, profile_dir: Path, vae_dir: Path, ckpt_dir: Path,
+          live_dir: Path, progress: bool = True) -> TrainResult:
+    """Run (or resume) the train stage; see the module docstring. Returns what happened.
+
+    ``slab_dir``/``profile_dir``: the slab stage's ``data/slab`` and ``models/slab``."""
+    env = DistEnv.setup(params.device)
     try:
-        return _train(params, processed_dir, vae_dir, ckpt_dir, live_dir, progress, env)
+        return _train(params, processed_dir, slab_dir, profile_dir, vae_dir, ckpt_dir, live_dir, progress, env)
     except BaseException as exc:
         # The traceback keeps _train's locals (the DDP model) alive; they must go before the process
         # group does (DistEnv.close). The frames' code and line numbers stay for the error report.
@@ -95,8 +103,8 @@ def train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, li
         env.close()
 
 
-def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path, progress: bool,
-           env: DistEnv) -> TrainResult:
+def _train(params: Params, processed_dir: Path, slab_dir: Path, profile_dir: Path, vae_dir: Path, ckpt_dir: Path,
+           live_dir: Path, progress: bool, env: DistEnv) -> TrainResult:
     """The loop. Returning (or raising) drops the DDP model before ``env`` closes."""
     tp = params.train
     say = print if env.is_main else (lambda *a, **k: None)
@@ -104,15 +112,18 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
     random.seed(params.train_seed + env.rank)
     rng = np.random.default_rng([params.train_seed, env.rank])  # patch corners
 
-    data = prepare_data(processed_dir, tp.condition, params.evaluate.slab_profile)
+    profile = read_profile(profile_dir)
+    data = prepare_data(processed_dir, slab_dir, tp.condition)
     m = load_models(params, vae_dir, env)
     steps_per_epoch = math.ceil(len(data.train) * tp.patches_per_volume / (tp.batch_size * env.world_size))
     total_steps = tp.epochs * steps_per_epoch
     make_optimizer(m, tp, total_steps)
-    run = TrainingRun("train", ckpt_dir, live_dir, shaping_params(params, m.vae, data.train, data.val),
+    run = TrainingRun("train", ckpt_dir, live_dir, shaping_params(params, m.vae, data, profile),
                       steps_per_epoch, env.is_main, say)
     rng = restore(run, m, params, env, rng)
     if run.complete(total_steps):
+        if env.is_main:
+            write_model_card(ckpt_dir, model_card(tp, m.vae, profile, data))
         return run.result(scale_factor=float(run.checkpoint["scale_factor"]))
 
     frozen_later = run.epoch < tp.vae_freeze_epochs or tp.vae_finetune == "decoder"
@@ -202,44 +213,57 @@ def _train(params: Params, processed_dir: Path, vae_dir: Path, ckpt_dir: Path, l
                 raise TrainInterrupted(stop.signum or signal.SIGTERM, run.step)
     finally:
         stop.restore()
+    if env.is_main:
+        write_model_card(ckpt_dir, model_card(tp, m.vae, profile, data))
     return run.result(scale_factor=scale_factor)
 
 
 # ------------------------------------------------------------------------------------------ the steps
 @dataclass
 class TrainData:
-    """The train split to learn from ((condition, target) volumes: the condition memory-mapped ``source.npy``,
-    or the slab-consistent baseline computed here) and the val split to validate on (its conditions); the
-    test split is never read here."""
+    """The train split to learn from ((condition, target) volumes, memory-mapped: the condition is ``source.npy``
+    or the slab stage's ``baseline_consistent``) and the val split to validate on (its conditions); the test
+    split is never read here."""
 
     train: list[Case]
     val: list[Case]
     volumes: list[tuple[np.ndarray, np.ndarray]]
     val_conditions: list[np.ndarray]
     condition: str
-    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # lives as long as the data
+    profile_digests: set[str]  # of the slab stage's profile the consistent conditions were projected with
 
 
-def prepare_data(processed_dir: Path, condition: str, slab_profile: str) -> TrainData:
-    """The train and val cases with their (condition, target) volumes, every one memory-mapped.
-
-    ``consistent`` conditions are computed once per case and written (float32, as evaluate and predict compute
-    them) to a temporary folder, then memory-mapped like ``source.npy``: held in RAM, a real-size train split
-    would need 315 MB per 300 x 512 x 512 case. The folder goes with the returned data.
-    """
+def prepare_data(processed_dir: Path, slab_dir: Path, condition: str) -> TrainData:
+    """The train and val cases with their (condition, target) volumes, every one memory-mapped (copy-on-write:
+    torch can view them, the files never change)."""
     train_cases, val_cases = split_cases(processed_dir, "train"), split_cases(processed_dir, "val")
-    scratch = tempfile.TemporaryDirectory(prefix="ctdiff-conditions-") if condition == "consistent" else None
+    digests: set[str] = set()
 
-    def condition_of(case: Case, split: str) -> np.ndarray:
-        if scratch is None:
+    def condition_of(case: Case) -> np.ndarray:
+        if condition == "interpolated":
             return case.load("source", mmap=True)
-        path = Path(scratch.name) / f"{split}-{case.case_id}.npy"
-        np.save(path, baseline_consistent(case, slab_profile)[0])
-        return np.load(path, mmap_mode="c")  # copy-on-write: writable for torch, the file never changes
+        slabs = SlabCase.open(slab_dir, case.case_id)
+        digests.add(slabs.profile_digest)
+        return slabs.baseline(mmap=True)
 
-    return TrainData(train_cases, val_cases,
-                     [(condition_of(c, "train"), c.load("target", mmap=True)) for c in train_cases],
-                     [condition_of(c, "val") for c in val_cases], condition, scratch)
+    volumes = [(condition_of(c), c.load("target", mmap=True)) for c in train_cases]
+    return TrainData(train_cases, val_cases, volumes, [condition_of(c) for c in val_cases], condition, digests)
+
+
+def model_card(tp: TrainParams, vae: LatentCodec, profile: SliceProfile, data: TrainData) -> dict[str, Any]:
+    """``model.json``: how the trained model is used (module docstring)."""
+    if data.profile_digests - {profile.digest}:
+        raise RuntimeError("data/slab and models/slab disagree on the slab profile: rerun the slab stage (dvc repro)")
+    return {
+        "codec": vae.name,
+        "weights": vae.weights,
+        "hu_range": list(vae.hu_range),
+        "condition": tp.condition,
+        "interpolator": str(data.train[0].meta.get("interpolator", "linear")),
+        "sampling": to_dict(tp.sampling),
+        "slab_profile": profile.to_json(),
+        "geometry": training_geometry(data.train),
+    }
 
 
 def training_geometry(cases: list[Case]) -> dict[str, Any]:
@@ -259,7 +283,7 @@ class Models:
     """What the loop trains and with what: the VAE (frozen at first), the UNet (``model``: its DDP wrapper
     under torchrun), the noise process, the optimizers and their schedule."""
 
-    vae: VaeAdapter
+    vae: LatentCodec
     vae_start: dict[str, torch.Tensor]  # the VAE's weights before training, for vae/drift
     sampler: PatchSampler
     unet: nn.Module
@@ -277,7 +301,7 @@ class Models:
 def load_models(params: Params, vae_dir: Path, env: DistEnv) -> Models:
     """The frozen VAE of ``models/vae``, a fresh UNet for its latents, the noise process and the precision."""
     tp, device = params.train, env.device
-    vae = VaeAdapter.load(vae_dir, params.vae, device)
+    vae = load_vae(vae_dir, device)
     vae.set_trainable("none")
     vae_start = {k: v.detach().cpu().clone() for k, v in vae.module.state_dict().items()}
     sampler = PatchSampler(latent_patch_shape(tp.patch, vae.downsample, tp.unet.latent_multiple, vae.name),
@@ -317,7 +341,7 @@ def restore(run: TrainingRun, m: Models, params: Params, env: DistEnv, rng: np.r
     return np.random.default_rng([params.train_seed, env.rank, run.step])
 
 
-def encode_training_latents(vae: VaeAdapter, data: TrainData, tp: TrainParams, run: TrainingRun, ckpt_dir: Path,
+def encode_training_latents(vae: LatentCodec, data: TrainData, tp: TrainParams, run: TrainingRun, ckpt_dir: Path,
                             needed: bool, progress: bool, say: Any) -> tuple[LatentCache | None, float, LatentTarget]:
     """The frozen VAE's posteriors of every training volume (when the loop reads them: ``needed``, or a fresh
     run that needs its scale factor), the latent scale factor (1 / std of the cached target latents) and the
@@ -377,7 +401,7 @@ def step_losses(m: Models, data: TrainData, cache: LatentCache | None, indices: 
             # latent slices: recon_block.)
             block, x01_block = recon_block(z_target / scale_factor, x01_target, vae.downsample, tp.vae_recon_slices,
                                            rng)
-            recon01 = vae.decode_x01_train(block, directions)
+            recon01 = vae.decode_x01(block, directions)
             loss_vae = F.l1_loss(recon01.float(), x01_block) + tp.vae_kl_weight * vae.kl(target)
         loss = loss_diffusion + tp.vae_recon_weight * loss_vae
     return loss, loss_diffusion, loss_vae, z_target
@@ -421,11 +445,13 @@ def epoch_metrics(m: Models, run: TrainingRun, tp: TrainParams, env: DistEnv, fr
     }
 
 
-def shaping_params(params: Params, vae: VaeAdapter, train_cases: list[Case], val_cases: list[Case]) -> dict[str, Any]:
+def shaping_params(params: Params, vae: LatentCodec, data: TrainData, profile: SliceProfile) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint: train params that shape the model and its
-    trajectory (not ``NOT_SHAPING``), the seed, the VAE's identity, and the data (case ids and fingerprints)."""
+    trajectory (not ``NOT_SHAPING``), the seed, the VAE's identity, the data (case ids and fingerprints) and,
+    for a consistent condition, the slab profile that made it."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in NOT_SHAPING}
-    return shaping({"train": train}, params.train_seed, train_cases, val_cases, vae=vae.fingerprint)
+    condition = {"slab_profile": profile.digest} if data.condition == "consistent" else {}
+    return shaping({"train": train}, params.train_seed, data.train, data.val, vae=vae.fingerprint, **condition)
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -439,7 +465,7 @@ class Validation:
     on 2 CPU cores). Timesteps are spread evenly over [0, T) to lower the variance of the estimate.
     """
 
-    def __init__(self, vae: VaeAdapter, cases: list[Case], conditions: list[np.ndarray], sampler: PatchSampler,
+    def __init__(self, vae: LatentCodec, cases: list[Case], conditions: list[np.ndarray], sampler: PatchSampler,
                  scheduler: Any, tp: TrainParams, seed: int) -> None:
         self.vae, self.cases, self.sampler, self.scheduler, self.tp = vae, cases, sampler, scheduler, tp
         self.conditions = conditions
@@ -458,7 +484,7 @@ class Validation:
         self.latents = []  # per case: (source mean, target mean), (C, d, h, w) on the VAE's device
         for case, condition in zip(self.cases, self.conditions):
             pair = [self.vae.encode_posterior_hu(torch.from_numpy(np.asarray(v, dtype=np.float32))[None, None]
-                                                 .to(self.vae.codec.device), case.grid.direction).mean[0]
+                                                 .to(self.vae.device), case.grid.direction).mean[0]
                     for v in (condition, case.load("target"))]
             self.latents.append(tuple(pair))
 

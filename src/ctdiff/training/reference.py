@@ -4,7 +4,7 @@ learns the thin series as a residual on the slab-consistent baseline.
 One loop, top to bottom (:func:`train_reference`): load the train and val cases (the test split is never
 read), build the network, optimizer and warm-up/cosine LR schedule, resume or start fresh
 (:class:`~ctdiff.training.scaffold.TrainingRun`), then per epoch ``steps_per_epoch`` optimizer steps on
-random patch pairs (L1 on [0, 1] intensities over ``vae.hu_range``, as for the VAEs), validation on the
+random patch pairs (L1 on [0, 1] intensities over ``hu_range``, as for the VAEs), validation on the
 whole val volumes (the prediction projected onto the slabs, as evaluate scores it, against the truth; the
 baseline's metrics alongside), dvclive logging, and checkpoints: ``last.pt`` every
 ``sr_reference.checkpoint_every`` steps and at every epoch end, ``best.pt`` when the val L1 of the
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ctdiff.data.intensity import to_x01
 from ctdiff.data.processed import Case, split_cases
-from ctdiff.data.slab import SlabOperator, baseline_consistent
+from ctdiff.data.slab import SlabCase
 from ctdiff.device import pick_device
 from ctdiff.metrics.image import TruthScorer, body_mask, mean_abs01, mean_metrics
 from ctdiff.models.reference import build_reference_net, net_contract, predict_reference
@@ -57,21 +57,21 @@ class ReferenceCase:
     """One processed case as the reference sees it: input (baseline_consistent) and truth, both (D, H, W) HU."""
 
     case_id: str
-    input_hu: np.ndarray  # float32
-    truth_hu: np.ndarray  # int16
-    operator: SlabOperator
-    measured: np.ndarray  # (S, H, W) float32: series 1's slabs on the common grid
+    input_hu: np.ndarray  # float32, memory-mapped
+    truth_hu: np.ndarray  # int16, memory-mapped
+    slabs: SlabCase  # series 1's slab operator and measurements on the common grid
     body: torch.Tensor  # (D, H, W) bool: the truth's body mask (kept: it is most of a scorer's cost)
 
     def scorer(self, hu_range: tuple[float, float]) -> TruthScorer:
         return TruthScorer(self.truth_hu, hu_range, mask=self.body)
 
     @classmethod
-    def load(cls, case: Case, profile: str) -> ReferenceCase:
-        """The input computed (float32, in memory), the truth memory-mapped: patches read only what they cut."""
-        input_hu, operator, measured = baseline_consistent(case, profile)
+    def load(cls, case: Case, slab_dir: Path) -> ReferenceCase:
+        """The input (the slab stage's ``baseline_consistent``) and the truth memory-mapped: patches read only
+        what they cut."""
+        slabs = SlabCase.open(slab_dir, case.case_id)
         truth = case.load("target", mmap=True)
-        return cls(case.case_id, input_hu, truth, operator, measured, body_mask(truth))
+        return cls(case.case_id, slabs.baseline(mmap=True), truth, slabs, body_mask(truth))
 
 
 class PatchPairs:
@@ -114,14 +114,14 @@ class PatchPairs:
 def validate(net: nn.Module, params: Params, cases: list[ReferenceCase]) -> dict[str, float]:
     """Mean val metrics of the projected prediction (what evaluate scores) and ``l1`` (its L1 in [0, 1], the
     training loss over whole volumes); ``l1_raw`` of the unprojected prediction."""
-    hu_range = params.vae.hu_range
+    hu_range = params.hu_range
     was_training = net.training
     net.eval()
     per_case, l1, l1_raw = [], [], []
     for case in cases:
         scorer = case.scorer(hu_range)
-        raw = predict_reference(net, params, case.input_hu)
-        projected = case.operator.project(raw, measured=case.measured)
+        raw = predict_reference(net, params.sr_reference, hu_range, case.input_hu)
+        projected = case.slabs.project(raw)
         l1_raw.append(mean_abs01(raw, scorer))
         del raw
         l1.append(mean_abs01(projected, scorer))
@@ -132,37 +132,42 @@ def validate(net: nn.Module, params: Params, cases: list[ReferenceCase]) -> dict
 
 def baseline_metrics(params: Params, cases: list[ReferenceCase]) -> dict[str, float]:
     """The same means for the input itself (baseline_consistent): what the network must beat."""
-    hu_range = params.vae.hu_range
+    hu_range = params.hu_range
     scorers = [c.scorer(hu_range) for c in cases]
     return {"l1": float(np.mean([mean_abs01(c.input_hu, s) for c, s in zip(cases, scorers)])),
             **mean_metrics([s.score(c.input_hu) for c, s in zip(cases, scorers)])}
 
 
 # ------------------------------------------------------------------------------------------- train
-def shaping_params(params: Params, train_cases: list[Case], val_cases: list[Case]) -> dict[str, Any]:
+def shaping_params(params: Params, train_cases: list[Case], val_cases: list[Case], profile_digest: str
+                   ) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint: sr_reference params that shape the network and its
-    trajectory (not ``NOT_SHAPING``), the seed, the input's definition, and the data."""
+    trajectory (not ``NOT_SHAPING``), the seed, the input's definition (intensity range, slab profile), and the
+    data."""
     sp = {k: v for k, v in to_dict(params.sr_reference).items() if k not in NOT_SHAPING}
     return shaping({"sr_reference": sp}, params.train_seed, train_cases, val_cases,
-                   hu_range=list(params.vae.hu_range), slab_profile=params.evaluate.slab_profile)
+                   hu_range=list(params.hu_range), slab_profile=profile_digest)
 
 
-def train_reference(params: Params, processed_dir: Path, ckpt_dir: Path, live_dir: Path,
+def train_reference(params: Params, processed_dir: Path, slab_dir: Path, ckpt_dir: Path, live_dir: Path,
                     progress: bool = True) -> TrainResult:
     """Run (or resume) the sr_reference stage; see the module docstring. Returns what happened (``baseline``:
     the input's val metrics, empty when there was nothing left to do)."""
     sp = params.sr_reference
-    device = pick_device(sp.device, key="sr_reference.device")
+    device = pick_device(params.device)
     torch.manual_seed(params.train_seed)
     random.seed(params.train_seed)
     rng = np.random.default_rng([params.train_seed, 0x5E])  # patch cases and corners
 
     # ---- data: train split to learn from, val split to validate on; the test split is never read here
     train_split, val_split = split_cases(processed_dir, "train"), split_cases(processed_dir, "val")
-    profile = params.evaluate.slab_profile
-    train_cases = [ReferenceCase.load(c, profile) for c in train_split]
-    val_cases = [ReferenceCase.load(c, profile) for c in val_split]
-    patches = PatchPairs(train_cases, sp.patch, params.vae.hu_range)
+    train_cases = [ReferenceCase.load(c, slab_dir) for c in train_split]
+    val_cases = [ReferenceCase.load(c, slab_dir) for c in val_split]
+    digests = {c.slabs.profile_digest for c in train_cases + val_cases}
+    if len(digests) != 1:
+        raise RuntimeError(f"{slab_dir} holds cases projected with different slab profiles: rerun the slab stage")
+    profile_digest = digests.pop()
+    patches = PatchPairs(train_cases, sp.patch, params.hu_range)
 
     # ---- network, optimizer, schedule
     net = build_reference_net(sp).to(device)
@@ -172,8 +177,8 @@ def train_reference(params: Params, processed_dir: Path, ckpt_dir: Path, live_di
     lr_scheduler = warmup_cosine(optimizer, sp.warmup_steps, total_steps, sp.lr_min_ratio)
 
     # ---- resume or start fresh
-    run = TrainingRun("sr_reference", ckpt_dir, live_dir, shaping_params(params, train_split, val_split),
-                      steps_per_epoch)
+    run = TrainingRun("sr_reference", ckpt_dir, live_dir, shaping_params(params, train_split, val_split,
+                                                                          profile_digest), steps_per_epoch)
     if run.checkpoint is not None:
         net.load_state_dict(run.checkpoint["net"])
         optimizer.load_state_dict(run.checkpoint["optimizer"])
@@ -183,7 +188,7 @@ def train_reference(params: Params, processed_dir: Path, ckpt_dir: Path, live_di
         return run.result()
 
     baseline = baseline_metrics(params, val_cases)
-    run.open_live({"network": "monai UNet", "input": f"baseline_consistent ({profile} profile)",
+    run.open_live({"network": "monai UNet", "input": f"baseline_consistent (slab profile {profile_digest})",
                    "parameters": sum(p.numel() for p in net.parameters())})
 
     def save(name: str, with_optimizer: bool = True) -> None:
@@ -192,7 +197,7 @@ def train_reference(params: Params, processed_dir: Path, ckpt_dir: Path, live_di
             "net": net.state_dict(),
             "optimizer": optimizer.state_dict() if with_optimizer else None,
             "lr_scheduler": lr_scheduler.state_dict() if with_optimizer else None,
-            "contract": net_contract(params),
+            "contract": net_contract(sp, params.hu_range, profile_digest),
             "sr_reference_params": to_dict(sp),
         }, rng)
 

@@ -1,9 +1,11 @@
-"""vae_fit: train (from scratch) or fine-tune a codec on random patches, then measure its latent scale.
+"""vae_fit: train a codec from scratch, fine-tune the released one, or take it as downloaded; write ``models/vae``.
 
 The loop reads top to bottom: each epoch draws ``patches_per_volume`` random crops from every training
 volume (source and target series, so the codec sees both the thick-slice input and the thin-slice
 output), shuffles them, and steps Adam on L1 reconstruction in [0, 1] intensity plus ``kl_weight`` times
-the KL term of the posterior. The learning rate decays on a cosine to 5 % of its start.
+the KL term of the posterior. The learning rate decays on a cosine to 5 % of its start. The manifest it
+writes carries what every later stage needs to load and run the codec (:func:`ctdiff.models.vae.weights.load_vae`).
+No latent scale factor here: the train stage computes it from the latents it encodes anyway.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from ctdiff.models.vae.weights import (
     codec_config,
     new_codec,
     pretrained_codec,
-    read_source,
+    read_origin,
+    runtime_settings,
     save_weights,
     scratch_config,
     write_manifest,
@@ -116,33 +119,32 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
     """The vae_fit stage: build or load the codec, train it as the params say, write ``out_dir``.
 
     Per-epoch losses (``train/loss``, ``train/recon``, ``train/kl``) and a summary (training time, which
-    weights) go to ``live``. No latent scale factor here: the train stage computes it from the latents it
-    encodes anyway (an encode here would be thrown away). Returns the manifest. Pretrained weights used as downloaded
+    weights) go to ``live``. Returns the manifest. Pretrained weights used as downloaded
     (``vae.finetune_epochs=0``) are not copied: the manifest points at ``pretrained_dir`` by relative
     path and sha256.
     """
     vae = params.vae
-    source = read_source(pretrained_dir)
-    if (source["source"] == "scratch") == vae.pretrained or source.get("codec") != vae.codec:
-        raise WeightsError(f"{pretrained_dir} holds {source['source']} {source.get('codec')} weights but params "
+    origin = read_origin(pretrained_dir)
+    if (origin["origin"] == "scratch") == vae.pretrained or origin.get("codec") != vae.codec:
+        raise WeightsError(f"{pretrained_dir} holds {origin['origin']} {origin.get('codec')} weights but params "
                            f"select vae.pretrained={str(vae.pretrained).lower()} {vae.codec}: rerun "
                            f"fetch_weights (dvc repro)")
     if vae.pretrained:
-        codec = pretrained_codec(vae, pretrained_dir, device)
+        codec = pretrained_codec(vae, params.hu_range, pretrained_dir, device)
         epochs, lr = vae.finetune_epochs, vae.finetune_lr
-        weights = {"source": "pretrained", "repo": source["repo"], "revision": source["revision"],
-                   "files": source["files"]}
+        weights = {"origin": "pretrained", "repo": origin["repo"], "revision": origin["revision"],
+                   "files": origin["files"]}
         if epochs:
-            weights = {"source": "finetuned", "epochs": epochs, "base": weights}
+            weights = {"origin": "finetuned", "epochs": epochs, "base": weights}
     else:
         # Seeded here, not only in train_codec: torch starts every process from a random seed, so the
         # initial weights (and with them the whole stage's output) differed from run to run.
         set_determinism(params.train_seed)
-        codec = new_codec(vae, scratch_config(vae), device)
+        codec = new_codec(vae, params.hu_range, scratch_config(vae), device)
         if vae.logvar_init is not None:
             init_logvar(codec, vae.logvar_init)
         epochs, lr = vae.scratch_epochs, vae.scratch_lr
-        weights = {"source": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
+        weights = {"origin": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
 
     train = split_cases(processed_dir, "train")
     patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
@@ -159,10 +161,10 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         if epochs:
             files, weights_dir = save_weights(codec, tmp), "."
         else:
-            files = source["files"]
+            files = origin["files"]
             weights_dir = Path(os.path.relpath(pretrained_dir.resolve(), out_dir.resolve())).as_posix()
-        manifest = write_manifest(tmp, codec, weights_dir, files, weights, train_seconds=round(train_seconds, 1),
-                                  final_loss=history[-1] if history else None)
+        manifest = write_manifest(tmp, codec, weights_dir, files, weights, runtime_settings(vae),
+                                  train_seconds=round(train_seconds, 1), final_loss=history[-1] if history else None)
     if live is not None:
         live.summary.update({key: manifest[key] for key in
                              ("train_seconds", "codec", "weights")})

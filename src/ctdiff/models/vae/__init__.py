@@ -1,2 +1,2 @@
-"""The VAE codecs: the interface (:mod:`.base`), MAISI (:mod:`.maisi`) and SD (:mod:`.sd`), where their weights
-come from and how they load (:mod:`.weights`), and the adapter the diffusion model uses (:mod:`.adapter`)."""
+"""The VAE codecs: the one interface every stage uses (:mod:`.base`), MAISI (:mod:`.maisi`) and SD (:mod:`.sd`),
+and where their weights come from and how they load (:mod:`.weights`)."""

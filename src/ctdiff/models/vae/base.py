@@ -1,4 +1,9 @@
-"""The latent codec interface: HU volume <-> latent, the same for the 3D MAISI VAE and the 2D SD VAE.
+"""The VAE interface: HU volume <-> latent, the same for the 3D MAISI VAE and the 2D SD VAE.
+
+:class:`LatentCodec` is the one interface every stage uses (vae_fit trains it, vae_check round-trips it,
+train caches its posteriors and fine-tunes it, evaluate and ``ctdiff predict`` sample through it); a codec
+loaded from ``models/vae`` (:func:`ctdiff.models.vae.weights.load_vae`) carries its manifest (which weights,
+its architecture and run-time settings), so nothing downstream reads the ``vae`` params.
 
 Shapes follow MONAI: volumes are ``(B, 1, D, H, W)`` float tensors in Hounsfield units (``hu``) or in
 [0, 1] (``x01``: HU clipped to ``hu_range`` and mapped linearly); latents are ``(B, C, d, h, w)`` with
@@ -7,9 +12,11 @@ Inputs of any size are padded (edge-replicated) to a multiple of the downsamplin
 are cropped back when the original shape is given.
 
 ``encode_hu`` returns the posterior mean (deterministic, so cached latents and metrics are reproducible);
-``encode_posterior_hu`` adds the posterior std for callers that sample. Latents are unscaled: the diffusion
-model multiplies them by its scale factor (1 / std of the training latents), which the train stage computes
-from the latents it caches and stores in its checkpoints; the codec knows nothing of it.
+``encode_posterior_hu`` the whole :class:`Posterior` for callers that sample; :meth:`LatentCodec.round_trip`
+encodes (the mean) and decodes a volume: the VAE ceiling, vae_check and ``decode: change`` all use it.
+Latents are unscaled: the diffusion model multiplies them by its scale factor (1 / std of the training
+latents), which the train stage computes from the latents it caches and stores in its checkpoints; the
+codec knows nothing of it.
 
 Orientation: every volume comes with the direction of its voxel axes (SimpleITK's LPS ``direction``, 9
 floats row-major; None = the identity of a head-first supine axial series), for the whole batch or one per
@@ -29,25 +36,46 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ctdiff.data.intensity import to_hu, to_x01
+from ctdiff.io import digest
 
 Direction = Sequence[float]  # 9 floats, row-major: the LPS directions of a volume's i, j, k axes (columns)
 Directions = Direction | Sequence[Direction] | None  # one for the batch, one per item, or None (identity)
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
+class Posterior(NamedTuple):
+    """Diagonal Gaussian posterior of a VAE: ``mean`` and ``std`` of the same shape, unscaled latent units."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self) -> torch.Tensor:
+        """A reparameterised draw (differentiable in ``mean`` and ``std``), from the global torch RNG."""
+        return self.mean + self.std * torch.randn_like(self.std)
+
+    def to(self, device: torch.device | str) -> Posterior:
+        return Posterior(self.mean.to(device), self.std.to(device))
+
+
 class LatentCodec(ABC):
     """A VAE behind one interface. Subclasses wrap a MONAI or diffusers module (``self.module``)."""
 
+    #: "maisi" or "sd": the arm
+    name: ClassVar[str]
     #: spatial downsampling (fd, fh, fw) between a volume and its latent
     downsample: tuple[int, int, int]
     #: whether the network sees the volume's orientation (a 3D codec reorients; a per-slice one does not)
     uses_direction: bool = False
+    #: ``models/vae/manifest.json`` of a loaded codec (which weights, architecture, run-time settings); {} when new
+    manifest: dict[str, Any]
 
     def __init__(self, module: nn.Module, hu_range: Sequence[float], latent_channels: int,
                  device: torch.device | str = "cpu") -> None:
@@ -57,6 +85,19 @@ class LatentCodec(ABC):
         self.latent_channels = latent_channels
         # fp16 autocast is a GPU memory/speed path; on CPU everything stays float32.
         self.amp = self.device.type == "cuda"
+        self.manifest = {}
+
+    # ------------------------------------------------------------------------------------------ identity
+    @property
+    def weights(self) -> dict[str, Any]:
+        """Where the weights came from (hub repo/revision/sha256, or scratch), as vae_fit recorded it."""
+        return dict(self.manifest.get("weights", {}))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the VAE weights and of what shapes its latents (architecture, HU range)."""
+        keys = ("codec", "config", "files", "hu_range", "downsample", "latent_channels")
+        return digest({k: self.manifest.get(k) for k in keys})
 
     # ------------------------------------------------------------------------------------- intensities
     def hu_to_x01(self, hu: torch.Tensor) -> torch.Tensor:
@@ -84,15 +125,15 @@ class LatentCodec(ABC):
         return self.encode_posterior_hu(hu, direction)[0]
 
     @torch.no_grad()
-    def encode_posterior_hu(self, hu: torch.Tensor, direction: Directions = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_posterior_hu(self, hu: torch.Tensor, direction: Directions = None) -> Posterior:
         """(B, 1, D, H, W) HU, any size -> posterior (mean, std), each (B, C, d, h, w) on ``hu.device``.
 
         Tiled (MAISI) or sliced (SD) exactly like :meth:`encode_hu`; for latent caches that sample.
         """
         self.module.eval()
         with self.inference():
-            mean, std = self.posterior_x01(self.pad(self.hu_to_x01(hu)), direction)
-        return mean.float().to(hu.device), std.float().to(hu.device)
+            mean, std = self.posterior_x01(self.pad(self.hu_to_x01(hu.to(self.device))), direction)
+        return Posterior(mean.float().to(hu.device), std.float().to(hu.device))
 
     @torch.no_grad()
     def decode_hu(self, latent: torch.Tensor, shape: Sequence[int] | None = None,
@@ -103,17 +144,42 @@ class LatentCodec(ABC):
             x01 = self.decode_x01(latent, direction).float().to(latent.device)
         return self.x01_to_hu(crop(x01, shape) if shape is not None else x01)
 
-    def posterior_x01(self, x01: torch.Tensor, direction: Directions = None) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def round_trip(self, hu: np.ndarray, direction: Directions = None) -> np.ndarray:
+        """Encode (the posterior mean) and decode one volume: (D, H, W) HU -> (D, H, W) float32 HU, on the CPU."""
+        x = torch.from_numpy(np.asarray(hu, dtype=np.float32))[None, None]
+        latent = self.encode_posterior_hu(x, direction).mean
+        return self.decode_hu(latent, hu.shape, direction)[0, 0].float().cpu().numpy()
+
+    def posterior_x01(self, x01: torch.Tensor, direction: Directions = None) -> Posterior:
         """(B, 1, D, H, W) in [0, 1], sizes multiples of ``downsample`` -> (mean, std), each (B, C, d, h, w).
 
         Differentiable when gradients are enabled (fine-tuning); on ``self.device``.
         """
-        stacked = self._per_direction(x01, direction, self._posterior_stacked_x01)
-        return stacked[:, : self.latent_channels], stacked[:, self.latent_channels :]
+        stacked = self._per_direction(x01.to(self.device), direction, self._posterior_stacked_x01)
+        return Posterior(stacked[:, : self.latent_channels], stacked[:, self.latent_channels :])
+
+    def kl(self, posterior: Posterior) -> torch.Tensor:
+        """KL of a (B, C, d, h, w) posterior to N(0, 1), as vae_fit's loss has it (summed, mean over B)."""
+        return kl_divergence(posterior.mean, posterior.std)
+
+    def set_trainable(self, part: Literal["none", "decoder", "full"]) -> list[nn.Parameter]:
+        """Freeze the VAE (``none``: eval mode, no grads) or unfreeze ``decoder`` / ``full``; returns the trainable
+        parameters. ``decoder`` = the decoder and the convolution in front of it (``post_quant_conv``), the
+        same names in MONAI's and diffusers' autoencoders."""
+        self.module.train(part != "none")
+        trainable = []
+        for name, p in self.module.named_parameters():
+            in_decoder = name.startswith(("decoder.", "post_quant_conv."))
+            p.requires_grad_(part == "full" or (part == "decoder" and in_decoder))
+            if p.requires_grad:
+                trainable.append(p)
+        return trainable
 
     def decode_x01(self, latent: torch.Tensor, direction: Directions = None) -> torch.Tensor:
-        """(B, C, d, h, w) -> (B, 1, d*fd, h*fh, w*fw) in [0, 1] units, not clamped; differentiable."""
-        return self._per_direction(latent, direction, self._decode_x01)
+        """(B, C, d, h, w) -> (B, 1, d*fd, h*fh, w*fw) in [0, 1] units, not clamped (a clamp would stop the
+        gradient wherever the decoder overshoots); differentiable."""
+        return self._per_direction(latent.to(self.device), direction, self._decode_x01)
 
     def reconstruct_train(self, x01: torch.Tensor, direction: Directions = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

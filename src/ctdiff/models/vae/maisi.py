@@ -8,7 +8,7 @@ As MAISI's own pipeline runs it (NV-Generate-CTMR ``scripts/transforms.py``, the
   (Z, Y, X) = (D, H, W) arrays in the series' own LPS frame, so :class:`RasOrientation` permutes and flips
   each one (from its direction; never a resampling) before the network sees it, and the latent and the
   decode back exactly afterwards: callers keep their (D, H, W) layout, the network sees what it knows.
-- **Intensity.** HU clipped to ``vae.hu_range`` ([-1000, 1000]) and mapped to [0, 1] (:class:`LatentCodec`).
+- **Intensity.** HU clipped to ``hu_range`` ([-1000, 1000]) and mapped to [0, 1] (:class:`LatentCodec`).
 - **Windows.** Volumes larger than ``tile`` (X, Y, Z in the RAS array, as MAISI's configs give them) are
   encoded tile by tile with MONAI's ``SlidingWindowInferer`` (Gaussian blending) and decoded the same way
   in latent space with a tile of ``tile / 4``, so peak memory follows the tile, not the volume. Group
@@ -123,6 +123,7 @@ class RasOrientation:
 class MaisiCodec(LatentCodec):
     """``AutoencoderKlMaisi`` on (B, 1, D, H, W) volumes; intensities [0, 1] over ``hu_range``."""
 
+    name = "maisi"
     uses_direction = True
 
     def __init__(self, config: dict[str, Any], hu_range: Sequence[float], tile: Sequence[int], overlap: float,

@@ -37,6 +37,8 @@ def sd_scratch_config(arch: SdArchParams, latent_channels: int) -> dict[str, Any
 class SdCodec(LatentCodec):
     """``AutoencoderKL`` applied per axial slice of (B, 1, D, H, W) volumes."""
 
+    name = "sd"
+
     def __init__(self, module: AutoencoderKL, hu_range: Sequence[float], slice_batch: int,
                  device: torch.device | str = "cpu") -> None:
         super().__init__(module, hu_range, module.config.latent_channels, device)

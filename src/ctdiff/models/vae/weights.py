@@ -2,10 +2,12 @@
 
 ``models/pretrained/`` (fetch_weights): the pinned hub files copied out of the Hugging Face cache under
 fixed names (MAISI ``autoencoder.pt``; SD ``config.json`` + ``diffusion_pytorch_model.safetensors``) and
-``source.json`` = {source: "hub", codec, repo, revision, files: {name: sha256}}, or {source: "scratch"}.
+``origin.json`` = {origin: "hub", codec, repo, revision, files: {name: sha256}}, or {origin: "scratch"}.
 
 ``models/vae/`` (vae_fit): ``manifest.json`` (:func:`write_manifest`) naming the codec, its architecture,
-the weight files by path *relative to models/vae* with their sha256, and where the weights came from.
+the weight files by path *relative to models/vae* with their sha256, where the weights came from, the
+intensity range and the run-time settings (MAISI's tiles and splits, SD's slice batch): everything
+:func:`load_vae` needs, so the stages after vae_fit read no ``vae`` params.
 Trained weights live next to the manifest; weights used as downloaded are not
 copied: the manifest points at ``../pretrained`` (itself a DVC output and a dependency of vae_fit) and
 the hashes make the pointer exact.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,9 @@ from ctdiff.models.vae.maisi import MaisiCodec, maisi_config
 from ctdiff.models.vae.sd import SdCodec, sd_scratch_config
 from ctdiff.params import VaeParams
 
-SOURCE_JSON = "source.json"
+Runtime = dict[str, Any]  # how a codec runs (not its weights): MAISI tile/overlap/num_splits/dim_split, SD slice_batch
+
+ORIGIN_JSON = "origin.json"
 MANIFEST_JSON = "manifest.json"
 MAISI_WEIGHTS = "autoencoder.pt"
 SD_CONFIG = "config.json"
@@ -69,24 +74,26 @@ def fetch_pretrained(vae: VaeParams, out_dir: Path, cache_dir: str | os.PathLike
     record. Raises :class:`ctdiff.data.hub.HubError` or :class:`WeightsError`; ``out_dir`` is then unchanged.
     """
     if not vae.pretrained:
-        record: dict[str, Any] = {"source": "scratch", "codec": vae.codec}
+        record: dict[str, Any] = {"origin": "scratch", "codec": vae.codec}
         with atomic_dir(out_dir) as tmp:
-            atomic_write_json(tmp / SOURCE_JSON, record)
+            atomic_write_json(tmp / ORIGIN_JSON, record)
         return record, []
     pins = pinned_files(vae)
     paths = resolve([pin for pin, _ in pins], cache_dir, vae.hub_timeout_s)
     with atomic_dir(out_dir) as tmp:
         files = {name: copy_verified(path, tmp / name, pin) for (pin, name), path in zip(pins, paths, strict=True)}
-        pretrained_codec(vae, tmp)  # refuse pickled objects and wrong keys before the folder appears
+        # refuse pickled objects and wrong keys before the folder appears (run-time settings play no part here)
+        config = maisi_config(vae.maisi.arch, vae.latent_channels) if vae.use_maisi else None
+        build_codec(vae.codec, config, CHECK_HU_RANGE, CHECK_RUNTIME[vae.codec], "cpu", tmp)
         hub = vae.maisi.hub if vae.use_maisi else vae.sd.hub
-        record = {"source": "hub", "codec": vae.codec, "repo": hub.repo, "revision": hub.revision, "files": files}
-        atomic_write_json(tmp / SOURCE_JSON, record)
+        record = {"origin": "hub", "codec": vae.codec, "repo": hub.repo, "revision": hub.revision, "files": files}
+        atomic_write_json(tmp / ORIGIN_JSON, record)
     notes = [unpinned_note(pin, files[name]) for pin, name in pins if not pin.sha256]
     return record, notes
 
 
-def read_source(pretrained_dir: Path) -> dict[str, Any]:
-    path = pretrained_dir / SOURCE_JSON
+def read_origin(pretrained_dir: Path) -> dict[str, Any]:
+    path = pretrained_dir / ORIGIN_JSON
     if not path.is_file():
         raise WeightsError(f"{path} not found: run the fetch_weights stage first (dvc repro fetch_weights)")
     return json.loads(path.read_text())
@@ -100,30 +107,47 @@ def scratch_config(vae: VaeParams) -> dict[str, Any]:
     return sd_scratch_config(vae.sd.scratch, vae.latent_channels)
 
 
-def new_codec(vae: VaeParams, config: dict[str, Any], device: torch.device | str = "cpu") -> LatentCodec:
+# fetch_weights only checks that the weights load into the architecture: any range and run-time settings will do
+CHECK_HU_RANGE = (-1000.0, 1000.0)
+CHECK_RUNTIME: dict[str, Runtime] = {"maisi": {"tile": [64, 64, 64], "overlap": 0.25, "num_splits": 1, "dim_split": 1},
+                                     "sd": {"slice_batch": 1}}
+
+
+def runtime_settings(vae: VaeParams) -> Runtime:
+    """How the selected codec runs, from its params (vae_fit records it in the manifest)."""
+    if vae.use_maisi:
+        m = vae.maisi
+        return {"tile": list(m.tile), "overlap": m.overlap, "num_splits": m.num_splits, "dim_split": m.dim_split}
+    return {"slice_batch": vae.sd.slice_batch}
+
+
+def build_codec(codec: str, config: dict[str, Any] | None, hu_range: Sequence[float], runtime: Runtime,
+                device: torch.device | str = "cpu", weights_dir: Path | None = None) -> LatentCodec:
+    """A codec of family ``codec`` ("maisi" or "sd"): random weights of architecture ``config``, or loaded strictly
+    from ``weights_dir`` (the fixed file names of this module; SD's architecture is then the folder's config.json)."""
+    if codec == "maisi":
+        model = MaisiCodec(config, hu_range, runtime["tile"], runtime["overlap"], runtime["num_splits"],
+                           runtime["dim_split"], device)
+        if weights_dir is not None:
+            path = weights_dir / MAISI_WEIGHTS
+            load_strict(model.module, read_maisi_checkpoint(path), path)
+        return model
+    module = load_sd_module(weights_dir) if weights_dir is not None else AutoencoderKL(**config)
+    return SdCodec(module, hu_range, runtime["slice_batch"], device)
+
+
+def new_codec(vae: VaeParams, hu_range: Sequence[float], config: dict[str, Any],
+              device: torch.device | str = "cpu") -> LatentCodec:
     """A randomly initialised codec of the selected family with architecture ``config``."""
-    if vae.use_maisi:
-        return _maisi_codec(vae, config, device)
-    return SdCodec(AutoencoderKL(**config), vae.hu_range, vae.sd.slice_batch, device)
+    return build_codec(vae.codec, config, hu_range, runtime_settings(vae), device)
 
 
-def pretrained_codec(vae: VaeParams, weights_dir: Path, device: torch.device | str = "cpu",
-                     config: dict[str, Any] | None = None) -> LatentCodec:
-    """Codec loaded strictly from ``weights_dir`` (the fixed file names of this module).
-
-    MAISI's architecture is ``config`` (default: the released one from params); SD's is the folder's
-    config.json.
-    """
-    if vae.use_maisi:
-        codec = _maisi_codec(vae, config or maisi_config(vae.maisi.arch, vae.latent_channels), device)
-        load_strict(codec.module, read_maisi_checkpoint(weights_dir / MAISI_WEIGHTS), weights_dir / MAISI_WEIGHTS)
-        return codec
-    return SdCodec(load_sd_module(weights_dir), vae.hu_range, vae.sd.slice_batch, device)
-
-
-def _maisi_codec(vae: VaeParams, config: dict[str, Any], device: torch.device | str) -> MaisiCodec:
-    m = vae.maisi
-    return MaisiCodec(config, vae.hu_range, m.tile, m.overlap, m.num_splits, m.dim_split, device)
+def pretrained_codec(vae: VaeParams, hu_range: Sequence[float], weights_dir: Path,
+                     device: torch.device | str = "cpu") -> LatentCodec:
+    """The selected family's codec loaded strictly from ``weights_dir`` (MAISI: the released architecture of
+    ``vae.maisi.arch``; SD: the folder's config.json)."""
+    config = maisi_config(vae.maisi.arch, vae.latent_channels) if vae.use_maisi else None
+    return build_codec(vae.codec, config, hu_range, runtime_settings(vae), device, weights_dir)
 
 
 def read_maisi_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -206,10 +230,10 @@ def codec_config(codec: LatentCodec) -> dict[str, Any]:
 
 
 def write_manifest(out_dir: Path, codec: LatentCodec, weights_dir: str, files: dict[str, str],
-                   weights: dict[str, Any], **extra: Any) -> dict[str, Any]:
+                   weights: dict[str, Any], runtime: Runtime, **extra: Any) -> dict[str, Any]:
     """Write ``manifest.json`` into ``out_dir``; ``weights_dir`` is relative to the final models/vae."""
     manifest = {
-        "codec": "maisi" if isinstance(codec, MaisiCodec) else "sd",
+        "codec": codec.name,
         "config": codec_config(codec),
         "weights_dir": weights_dir,
         "files": files,
@@ -217,6 +241,7 @@ def write_manifest(out_dir: Path, codec: LatentCodec, weights_dir: str, files: d
         "hu_range": list(codec.hu_range),
         "downsample": list(codec.downsample),
         "latent_channels": codec.latent_channels,
+        "runtime": runtime,
         **extra,
     }
     atomic_write_json(out_dir / MANIFEST_JSON, manifest)
@@ -230,17 +255,12 @@ def read_manifest(vae_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_codec(vae_dir: Path, vae: VaeParams, device: torch.device | str = "cpu"
-               ) -> tuple[LatentCodec, dict[str, Any]]:
-    """The codec described by ``models/vae/manifest.json`` (hashes verified, strict load) and the manifest.
-
-    Run-time knobs (tiles, slice batch, splits) come from ``vae``; the architecture and weights from the
-    manifest.
-    """
+def load_vae(vae_dir: Path, device: torch.device | str = "cpu") -> LatentCodec:
+    """The VAE of ``models/vae`` as its manifest describes it (hashes verified, strict load), manifest attached:
+    architecture, weights, intensity range and run-time settings all come from there."""
     manifest = read_manifest(vae_dir)
-    if manifest["codec"] != vae.codec:
-        raise WeightsError(f"{vae_dir} holds a {manifest['codec']} VAE but params select {vae.codec} "
-                           f"(vae.use_maisi={str(vae.use_maisi).lower()}): rerun vae_fit (dvc repro)")
+    if "runtime" not in manifest or "hu_range" not in manifest:
+        raise WeightsError(f"{vae_dir / MANIFEST_JSON} was written by an older vae_fit: rerun it (dvc repro)")
     weights_dir = vae_dir / manifest["weights_dir"]
     for name, expected in manifest["files"].items():
         path = weights_dir / name
@@ -250,5 +270,7 @@ def load_codec(vae_dir: Path, vae: VaeParams, device: torch.device | str = "cpu"
         if observed != expected:
             raise WeightsError(f"{path}: sha256 {observed} differs from {expected} recorded by vae_fit; the "
                                f"weights changed after vae_fit ran: rerun dvc repro")
-    codec = pretrained_codec(vae, weights_dir, device, manifest["config"])
-    return codec, manifest
+    codec = build_codec(manifest["codec"], manifest["config"], manifest["hu_range"], manifest["runtime"], device,
+                        weights_dir)
+    codec.manifest = manifest
+    return codec
