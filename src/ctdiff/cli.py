@@ -25,7 +25,12 @@ read, 2/ ignored), a folder of DICOM files, or a NIfTI volume. Writes DIR/<name>
 HU), DIR/<name>/ (the same as a derived DICOM CT series) and DIR/<name>_std.nii.gz (the per-voxel spread of the
 samples, HU). The model is the workspace's (models/vae, models/checkpoints; --models for another copy) and
 carries how it samples (steps, draws) and the slice profile it projects with; the options below override
-them. params.yaml gives the reading limits (preprocess.*), the device and the default seed."""
+them. params.yaml gives the reading limits (preprocess.*), the device and the default seed. A series with
+uneven slice steps is refused unless --allow-irregular-slices."""
+# One line: what --allow-irregular-slices does, mixed thicknesses included (predict.read_scan).
+ALLOW_IRREGULAR_HELP = ("accept uneven slice steps (gaps, mixed spacings): slices are linearly interpolated onto one "
+                        "spacing, the median step, and mixed slice thicknesses are taken as their median for every "
+                        "slab (--thickness-mm overrides)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--seed", type=int, help="sampling seed (default: params train_seed, as evaluate)")
     predict.add_argument("--thickness-mm", type=float, help="slice thickness of the inputs (default: DICOM "
                          "SliceThickness, else the slice spacing; a NIfTI's z spacing)")
+    predict.add_argument("--allow-irregular-slices", action="store_true", help=ALLOW_IRREGULAR_HELP)
     predict.add_argument("--anonymize", action="store_true", help="drop patient identifiers from the DICOM series")
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
     preset = commands.add_parser("preset", help="print a committed preset as dvc exp run -S overrides",
@@ -126,7 +132,7 @@ def run_predict(args: argparse.Namespace) -> int:
         return 1
     seed = params.train_seed if args.seed is None else args.seed
     outcomes = predict_inputs(args.inputs, args.out, model, params, seed, args.thickness_mm, args.anonymize,
-                              progress=not args.quiet)
+                              progress=not args.quiet, allow_irregular=args.allow_irregular_slices)
     for outcome in outcomes:
         if outcome.error:
             print(f"predict: {outcome.source}: {outcome.error}", file=sys.stderr)

@@ -41,7 +41,10 @@ Decisions on irregular input (each is tested):
 - Slices at the same position: dropped with a warning when their pixels are identical (a file
   stored twice), rejected when they differ (two acquisitions in one series).
 - A slice step more than 10 % off the median is a gap (a missing slice) or an irregular step:
-  rejected, or with ``allow_gaps`` interpolated linearly onto a uniform grid (see :class:`Series`).
+  rejected (:class:`IrregularSlices`; preprocess and predict each name their own fix), or with
+  ``allow_gaps`` interpolated linearly onto a uniform grid at the median step (see :class:`Series`).
+- Slice thicknesses more than 10 % apart (a GE head with 4 mm and 7 mm slices): the series' thickness is
+  their median, with a warning that lists them.
 - Gantry tilt (slices shifted in-plane along the stack): each slice is shifted back onto the
   orthogonal grid (bilinear, air outside), as dcm2niix does, with a warning; geometry stays
   orthonormal so downstream resampling and NIfTI export need no special case.
@@ -108,6 +111,17 @@ class CaseRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class IrregularSlices(CaseRejected):
+    """A series whose slice steps are not uniform (a gap, mixed spacings). The reason says where; each
+    entry point adds the fix its users can apply (preprocess's param, predict's flag)."""
+
+    def with_fix(self, fix: str) -> CaseRejected:
+        return CaseRejected(f"{self.reason}; {fix}")
+
+
+PREPROCESS_GAP_FIX = "set preprocess.allow_gaps=true to interpolate across gaps"
 
 
 @dataclass(eq=False)
@@ -233,6 +247,8 @@ def read_case(zip_path: str | Path, *, min_slices: int, allow_gaps: bool, max_me
                 series2, _ = _read_series(zf, members2, SERIES_FOLDERS[1], **options)
         except UnsafeZipError as exc:
             raise CaseRejected(f"unsafe or unreadable zip: {exc}") from None
+        except IrregularSlices as exc:
+            raise exc.with_fix(PREPROCESS_GAP_FIX) from None
     _check_pair(series1, series2, warnings)
     return CasePair(series1, series2, warnings)
 
@@ -248,13 +264,15 @@ class ThickSeries:
 
 
 def read_thick_series(source: str | Path, *, min_slices: int, allow_gaps: bool, max_members: int,
-                      max_unzipped_bytes: int) -> ThickSeries:
+                      max_unzipped_bytes: int, gap_fix: str = "pass allow_gaps=True to interpolate across gaps"
+                      ) -> ThickSeries:
     """Read the thick axial series of a case zip or a folder of DICOM files.
 
     A zip or folder in the APE-data layout gives its folder ``1/`` (``2/`` is not read); anything else is
     searched whole, and the axial image series is picked as preprocess picks it (the one with the most
     slices; localizers, other orientations and non-image files ignored). Zips are opened as safely as in
-    preprocess (:class:`ctdiff.data.safezip.SafeZip`). Raises :class:`CaseRejected` with a one-line reason.
+    preprocess (:class:`ctdiff.data.safezip.SafeZip`). Raises :class:`CaseRejected` with a one-line reason;
+    irregular slice steps end it with ``gap_fix``, the caller's way to accept them.
     """
     source = Path(source)
     warnings: list[str] = []
@@ -269,6 +287,8 @@ def read_thick_series(source: str | Path, *, min_slices: int, allow_gaps: bool, 
                 header = _read_header(archive, first)
         except UnsafeZipError as exc:
             raise CaseRejected(f"unsafe or unreadable zip: {exc}") from None
+        except IrregularSlices as exc:
+            raise exc.with_fix(gap_fix) from None
     if header is None:  # pragma: no cover - the member was parsed a moment ago
         raise CaseRejected("series 1: its first image can no longer be read")
     return ThickSeries(series, header[0], warnings)
@@ -724,6 +744,12 @@ def _assemble(zf: Archive, stack: list[_Image], name: str, *, min_slices: int, a
                         f"orthogonal grid")
 
     thicknesses = [im.thickness_mm for im, new in zip(stack, is_new) if new and im.thickness_mm is not None]
+    thickness = float(np.median(thicknesses)) if thicknesses else None
+    if thickness is not None and max(thicknesses) - min(thicknesses) > GAP_REL_TOL * thickness + GAP_ABS_TOL_MM:
+        counts = Counter(_mm(t) for t in thicknesses)
+        shown = ", ".join(f"{n} x {t} mm" for t, n in sorted(counts.items(), key=lambda item: float(item[0])))
+        warnings.append(f"{name} mixes slice thicknesses ({shown}); its thickness is taken as their median, "
+                        f"{_mm(thickness)} mm")
     series = Series(
         hu=hu,
         spacing_mm=(float(sx), float(sy), sz),
@@ -731,7 +757,7 @@ def _assemble(zf: Archive, stack: list[_Image], name: str, *, min_slices: int, a
         direction=tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel()),
         slice_positions_mm=sz * np.arange(len(positions)) if uniform else positions,
         acquired_positions_mm=positions,
-        slice_thickness_mm=float(np.median(thicknesses)) if thicknesses else None,
+        slice_thickness_mm=thickness,
         frame_of_reference_uid=next((im.frame_of_reference_uid for im in stack if im.frame_of_reference_uid), ""),
     )
     return series if uniform else series.resampled_uniform()
@@ -778,7 +804,7 @@ def _slice_spacing(positions: np.ndarray, name: str, allow_gaps: bool, warnings:
     what = (f"a {_mm(steps[at])} mm {kind} between slices {at} and {at + 1} (expected {_mm(median)} mm)"
             + (f" and {irregular.size - 1} more irregular step(s)" if irregular.size > 1 else ""))
     if not allow_gaps:
-        raise CaseRejected(f"{name} has {what}; set preprocess.allow_gaps=true to interpolate across gaps")
+        raise IrregularSlices(f"{name} has {what}")
     warnings.append(f"{name} has {what}; slices linearly interpolated onto a uniform grid")
     return median, False
 

@@ -193,7 +193,7 @@ def _base_dataset(spec: SeriesSpec, sop_class: str, sop_uid: str, shape: tuple[i
     ds.SeriesInstanceUID = spec.series_uid
     ds.StudyID = "1"
     ds.SeriesNumber = spec.series_number
-    ds.Laterality = ""  # Type 2C: a chest is not a paired body part, so present and empty
+    ds.Laterality = ""  # Type 2C: empty (unknown) while the body part is unknown; see the inherited elements
     ds.PatientPosition = spec.patient_position
     ds.FrameOfReferenceUID = spec.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
@@ -210,6 +210,10 @@ def _base_dataset(spec: SeriesSpec, sop_class: str, sop_uid: str, shape: tuple[i
     if spec.inherited is not None:
         for element in spec.inherited:
             ds[element.tag] = element
+        # Laterality (Type 2C) is required of paired body parts only. Where the source names its body part (a
+        # real head's BRAIN), an empty one is an error to dciodvfy: it goes unless the source's own is inherited.
+        if str(spec.inherited.get("BodyPartExamined", "") or "").strip() and "Laterality" not in spec.inherited:
+            del ds.Laterality
     return ds
 
 

@@ -52,6 +52,7 @@ from ctdiff.inference.sampling import TrainedModel, predict_thin
 from ctdiff.params import Params
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ALLOW_IRREGULAR_FLAG = "--allow-irregular-slices"  # ctdiff predict's flag for read_scan(allow_irregular=True)
 GEOMETRY_TOLERANCE = 0.10  # a thick series this much off what the model learnt from gets a warning
 # Copied from the input onto the derived series: the patient, general study and frame of reference modules.
 PATIENT_STUDY = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
@@ -106,16 +107,22 @@ def input_name(path: Path) -> str:
     return name
 
 
-def read_scan(path: Path, params: Params, thickness_mm: float | None = None) -> Scan:
-    """The thick series of one input (see the module docstring); raises :class:`PredictError`."""
+def read_scan(path: Path, params: Params, thickness_mm: float | None = None, allow_irregular: bool = False) -> Scan:
+    """The thick series of one input (see the module docstring); raises :class:`PredictError`.
+
+    ``allow_irregular`` (``--allow-irregular-slices``; predict's own, not ``preprocess.allow_gaps``): uneven
+    slice steps (gaps, mixed spacings) are linearly interpolated onto one spacing, the median step, instead of
+    refused; mixed slice thicknesses are taken as their median (the reader warns about both).
+    """
     if not path.exists():
         raise PredictError("no such file or folder")
     if path.name.lower().endswith(NIFTI_SUFFIXES):
         return _read_nifti(path, thickness_mm)
     p = params.preprocess
     try:
-        thick = read_thick_series(path, min_slices=p.min_slices, allow_gaps=p.allow_gaps,
-                                  max_members=p.max_zip_members, max_unzipped_bytes=int(p.max_unzipped_gb * 1024**3))
+        thick = read_thick_series(path, min_slices=p.min_slices, allow_gaps=allow_irregular,
+                                  max_members=p.max_zip_members, max_unzipped_bytes=int(p.max_unzipped_gb * 1024**3),
+                                  gap_fix=f"rerun with {ALLOW_IRREGULAR_FLAG} to interpolate onto one slice spacing")
     except (CaseRejected, UnsafeZipError) as exc:
         raise PredictError(str(exc)) from None
     series = thick.series
@@ -298,7 +305,7 @@ class Outcome:
 
 def predict_inputs(inputs: Sequence[Path], out_dir: Path, model: TrainedModel, params: Params, seed: int,
                    thickness_mm: float | None = None, anonymize: bool = False, progress: bool = True,
-                   say=print) -> list[Outcome]:
+                   say=print, allow_irregular: bool = False) -> list[Outcome]:
     """Predict every input in turn; a bad one is reported (``error``) and does not stop the others."""
     outcomes: list[Outcome] = []
     names: dict[str, Path] = {}
@@ -309,7 +316,7 @@ def predict_inputs(inputs: Sequence[Path], out_dir: Path, model: TrainedModel, p
             name = input_name(outcome.source)
             if name in names:
                 raise PredictError(f"its output name {name!r} is also that of {names[name]}: rename one")
-            scan = read_scan(outcome.source, params, thickness_mm)
+            scan = read_scan(outcome.source, params, thickness_mm, allow_irregular)
             outcome.warnings = scan.warnings + geometry_warnings(scan, model)
             for warning in outcome.warnings:
                 say(f"predict: {outcome.source}: warning: {warning}")
