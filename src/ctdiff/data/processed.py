@@ -16,7 +16,6 @@ case (300 x 512 x 512, 157 MB per int16 volume) read only what they touch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ctdiff.data.grid import Grid
+from ctdiff.io import digest
 
 SPLITS_JSON = "splits.json"
 Volume = Literal["source", "target", "series1", "labels"]
@@ -108,8 +108,3 @@ def split_cases(processed_dir: Path, split: str, max_cases: int = 0) -> list[Cas
         raise DataError(f"{processed_dir / SPLITS_JSON} has no '{split}' cases (check preprocess.split and the "
                         f"number of cases)")
     return [Case.open(processed_dir / case_id) for case_id in case_ids[: max_cases or None]]
-
-
-def digest(obj: Any) -> str:
-    """Short content hash of a JSON-able object (keys sorted; other objects by ``str``)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ctdiff.data.processed import Case, digest
-from ctdiff.io import atomic_path
+from ctdiff.data.processed import Case
+from ctdiff.io import atomic_path, digest
 from ctdiff.models.vae.adapter import Posterior, VaeAdapter
 
 

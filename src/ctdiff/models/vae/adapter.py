@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ctdiff.data.processed import digest
+from ctdiff.io import digest
 from ctdiff.models.vae.base import Directions, LatentCodec, kl_divergence
 from ctdiff.models.vae.weights import load_codec
 from ctdiff.params import VaeParams
