@@ -469,6 +469,19 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys (``vae.use_maisi``, as ``dvc exp run -S`` names them) of every leaf (a value that is not
+    a mapping) of a nested params mapping."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(leaves(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
 # --------------------------------------------------------------------------------------- parsing
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:

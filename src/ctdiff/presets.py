@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ctdiff.params import ParamsError, params_from_dict
+from ctdiff.params import ParamsError, leaves, params_from_dict
 
 PRESETS_DIR = Path("presets")
 
@@ -27,18 +27,6 @@ def preset_path(name: str, presets_dir: Path = PRESETS_DIR) -> Path:
         raise ParamsError(f"no preset {name!r} in {presets_dir}/ (known: {', '.join(known) or 'none'}): run "
                           f"ctdiff from the repository root")
     return path
-
-
-def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of every leaf (a value that is not a mapping) of a nested mapping."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(leaves(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def hydra_value(value: Any) -> str:
