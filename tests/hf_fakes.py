@@ -1,15 +1,24 @@
 """A Hugging Face environment for tests: an empty cache under tmp_path, a fake token, and a fake Hub served
 on 127.0.0.1, so download and offline code runs for real without leaving the machine.
 
-Fixtures (import them into a test module): ``hf_env`` (offline, empty cache) and ``fake_hub`` (online
-against a local server; ``fake_hub.point_at(port)`` alone points at a port with nothing behind it).
+Fixtures (import them into a test module): ``hf_env`` (offline, empty cache), ``fake_hub`` (online
+against a local server; ``fake_hub.point_at(port)`` alone points at a port with nothing behind it) and
+``silent_hub`` (a Hub on a dead network: it accepts connections, never answers, and says what was asked).
+:func:`network_attempts` records every connection and name lookup the test process starts.
+
+What these observe are events, not durations: a test of "fails fast" asserts which requests were made (one,
+or none) and that the error names the timeout that ended the wait.
 """
 
+import contextlib
 import hashlib
 import http.server
 import json
+import socket
+import sys
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -117,3 +126,76 @@ def fake_hub(hf_env, monkeypatch):
         server.shutdown()
         server.server_close()
     close_session()
+
+
+class SilentHub:
+    """A port on 127.0.0.1 that accepts connections and never answers: the Hub behind a dead network.
+    :meth:`requests` reads what each connection asked for (the client sends its request before it waits)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._connections: list[socket.socket] = []
+        self._requests: list[str] = []
+
+    def requests(self) -> list[str]:
+        """``"GET /path"`` (query dropped) for every connection made so far, in order; ``""`` for a connection
+        that sent nothing."""
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return list(self._requests)
+            conn.setblocking(False)
+            try:
+                head = conn.recv(65536).decode("latin-1")
+            except BlockingIOError:
+                head = ""
+            method, _, target = head.partition("\r\n")[0].partition(" ")
+            self._requests.append(f"{method} {target.partition(' ')[0].partition('?')[0]}".strip())
+            self._connections.append(conn)  # held open, unanswered, until close()
+
+    def close(self) -> None:
+        for conn in self._connections:
+            conn.close()
+        self._listener.close()
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[SilentHub]:
+    """A :class:`SilentHub`; point huggingface_hub at it with ``fake_hub.point_at(silent_hub.port)`` or, in a
+    child process, ``HF_ENDPOINT=http://127.0.0.1:<port>``."""
+    hub = SilentHub()
+    yield hub
+    hub.close()
+
+
+_RECORDERS: list[list[tuple[str, tuple]]] = []
+_HOOKED = False  # an audit hook cannot be removed: it is added once, and records only inside the block
+
+
+def _record_network(event: str, args: tuple) -> None:
+    if _RECORDERS and event in ("socket.connect", "socket.getaddrinfo"):
+        address = tuple(args[1]) if event == "socket.connect" else tuple(args[:2])
+        for recorder in _RECORDERS:
+            recorder.append((event, address))
+
+
+@contextlib.contextmanager
+def network_attempts() -> Iterator[list[tuple[str, tuple]]]:
+    """Every name lookup (``("socket.getaddrinfo", (host, port))``) and connection attempt
+    (``("socket.connect", (host, port))``) this process starts inside the block, from Python's audit events:
+    whichever HTTP client makes them, and whether they succeed, are refused or time out."""
+    global _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_record_network)
+        _HOOKED = True
+    recorder: list[tuple[str, tuple]] = []
+    _RECORDERS.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDERS.remove(recorder)

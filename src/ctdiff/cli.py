@@ -59,14 +59,18 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Print presets/NAME.yaml as -S overrides: "
                                              "dvc exp run $(ctdiff preset real)")
     preset.add_argument("name", metavar="NAME")
-    verdict = commands.add_parser("verdict", help="the verdict over the training-seed sweep's experiments",
-                                  description="Read the sweep's experiments (dvc exp show, their per_case.csv) and "
-                                              "print each comparison's mean, seed spread and bootstrap interval")
-    verdict.add_argument("--names", nargs="+", help="only these experiments (default: the newest sweep)")
-    verdict.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
+    verdict = commands.add_parser("verdict", help="the verdict over the family x seed x arm sweep's experiments",
+                                  description="Read the sweep's experiments (dvc.api: exp_show, params_show, each "
+                                              "run's per_case.csv) and print, per phantom family and pooled, each "
+                                              "comparison's mean, seed spread and bootstrap interval "
+                                              "(docs/verdict.md)")
+    verdict.add_argument("--names", nargs="+", help="only these experiments (default: the sweep with most runs)")
+    verdict.add_argument("--json", action="store_true", help="JSON instead of markdown tables")
+    verdict.add_argument("-n", "--num", type=int, default=1, metavar="N",
+                         help="experiments of the last N commits, as dvc exp show -n (default: 1, HEAD's)")
     args = parser.parse_args(argv)
     if args.command == "verdict":
-        return print_verdict(args.names, args.json)
+        return print_verdict(args.names, args.json, args.num)
     if args.command == "predict":
         return run_predict(args)
     if args.command == "preset":
@@ -86,14 +90,14 @@ def print_preset(name: str) -> int:
     return 0
 
 
-def print_verdict(names: list[str] | None, as_json: bool) -> int:
-    import subprocess
+def print_verdict(names: list[str] | None, as_json: bool, num: int = 1) -> int:
+    from dvc.exceptions import DvcException
 
     from ctdiff.evaluation.verdict import main as verdict_main
 
     try:
-        print(verdict_main(Path("."), names, as_json))
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(verdict_main(Path("."), names, as_json, num))
+    except (RuntimeError, DvcException) as exc:
         print(f"verdict: {exc}", file=sys.stderr)
         return 1
     return 0

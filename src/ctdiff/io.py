@@ -5,6 +5,9 @@ POSIX within one filesystem), so readers see either the old file or the complete
 a killed or preempted job needs. There is no fsync: it would protect against the machine itself losing
 power, at the price of waiting for the disk on every multi-hundred-MB volume (measured: ~1.2 s per
 300 x 512 x 512 case on the CI machine's disk), and DVC's own bookkeeping does not fsync either.
+
+Also the one content digest (:func:`digest`) behind every cache key and params hash: preprocess's
+per-case cache, a case's and a VAE's fingerprint, the latent cache, a resumable checkpoint's params.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ if TYPE_CHECKING:
 
 
 def digest(obj: Any) -> str:
-    """Short content hash of a JSON-able object (keys sorted; other objects by ``str``): the one digest of
-    fingerprints, resume keys and cache names."""
+    """Short content hash of a JSON-able object: the first 16 hex digits of the sha256 of its JSON with sorted
+    keys (objects JSON cannot write, such as paths, by ``str``).
+
+    Never change the recipe: these digests are stored in checkpoints and caches (tests/test_digest.py pins
+    it), and a different one makes every resumable run start over and every cached case be redone.
+    """
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

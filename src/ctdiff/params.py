@@ -527,7 +527,8 @@ def set_dotted(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, 
 
 
 def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of every leaf (a value that is not a mapping) of a nested mapping."""
+    """Dotted keys (``vae.use_maisi``, as ``dvc exp run -S`` names them) of every leaf (a value that is not a
+    mapping) of a nested params mapping."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"

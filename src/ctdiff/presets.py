@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ctdiff.params import ParamsError, params_from_dict
+from ctdiff.params import ParamsError, leaves, params_from_dict, read_params_yaml, set_dotted
 
 PRESETS_DIR = Path("presets")
 
@@ -27,18 +27,6 @@ def preset_path(name: str, presets_dir: Path = PRESETS_DIR) -> Path:
         raise ParamsError(f"no preset {name!r} in {presets_dir}/ (known: {', '.join(known) or 'none'}): run "
                           f"ctdiff from the repository root")
     return path
-
-
-def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of every leaf (a value that is not a mapping) of a nested mapping."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(leaves(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def hydra_value(value: Any) -> str:
@@ -55,17 +43,9 @@ def preset_overrides(name: str, params_file: Path = Path("params.yaml"), presets
     """``["-S", "data.source=hf", ...]`` for preset ``name``, checked against ``params_file``: every key
     exists there, and the merged params are valid."""
     preset = yaml.safe_load(preset_path(name, presets_dir).read_text()) or {}
-    base = yaml.safe_load(params_file.read_text()) or {}
-    merged = json.loads(json.dumps(base))
-    for dotted, value in leaves(preset).items():
-        node = merged
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            if not isinstance(node.get(key), dict):
-                raise ParamsError(f"preset {name}: {dotted} is not a key of {params_file}")
-            node = node[key]
-        if leaf not in node:
-            raise ParamsError(f"preset {name}: {dotted} is not a key of {params_file}")
-        node[leaf] = value
+    try:
+        merged = set_dotted(read_params_yaml(params_file), leaves(preset))
+    except ParamsError as exc:  # "params.yaml: X is not a key"
+        raise ParamsError(f"preset {name}: {str(exc).removeprefix('params.yaml: ')} of {params_file}") from None
     params_from_dict(merged)  # the preset must give valid params (names the bad key otherwise)
     return [arg for dotted, value in leaves(preset).items() for arg in ("-S", f"{dotted}={hydra_value(value)}")]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ctdiff.data.dicom import CaseRejected, Series, read_case
 from ctdiff.data.grid import Grid, resample, slice_range_covered, to_int16_hu
 from ctdiff.data.labels import labels_fingerprint, labels_on_grid, read_case_labels
-from ctdiff.io import atomic_dir, atomic_save_npy, atomic_write_json, remove_stale_temporaries
+from ctdiff.io import atomic_dir, atomic_save_npy, atomic_write_json, digest, remove_stale_temporaries
 from ctdiff.params import Params, PreprocessParams, SplitParams, to_dict
 
 # Bump when the processing itself changes, so fingerprints of old outputs stop matching.
@@ -102,7 +102,7 @@ def params_fingerprint(p: PreprocessParams) -> str:
     """Hash of the knobs that shape one case's arrays (not workers, split or min_cases)."""
     shaping = {k: v for k, v in to_dict(p).items() if k not in ("workers", "split", "min_cases")}
     shaping["version"] = PROCESSING_VERSION
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(shaping)
 
 
 # ------------------------------------------------------------------------------------------ one case

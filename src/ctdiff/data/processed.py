@@ -108,4 +108,3 @@ def split_cases(processed_dir: Path, split: str, max_cases: int = 0) -> list[Cas
         raise DataError(f"{processed_dir / SPLITS_JSON} has no '{split}' cases (check preprocess.split and the "
                         f"number of cases)")
     return [Case.open(processed_dir / case_id) for case_id in case_ids[: max_cases or None]]
-

@@ -1,20 +1,43 @@
-"""The verdict over training seeds: what survives a second (and third) seed.
+r"""The verdict over phantom families and training seeds: what survives another seed and another family.
 
-One training run per arm says nothing about how far another seed moves its numbers, and a bootstrap over
-the test cases cannot say it either. Run the sweep (both arms, ``train_seed`` 0, 1, 2; the data and its
-split stay fixed), then read it here:
+One training run per arm says nothing about how far another seed moves its numbers, and one phantom family
+says nothing about another anatomy; a bootstrap over the test cases can say neither. Run the sweep (two
+families, both arms, ``train_seed`` 0, 1, 2; within a family the data and its split stay fixed), then read
+it here:
 
-    dvc exp run --queue -S 'train_seed=0,1,2' -S 'vae.use_maisi=false,true' && dvc queue start -j 1
+    dvc exp run --queue -S 'data.phantom.family=hilum,periphery' -S 'train_seed=0,1,2' \
+        -S 'vae.use_maisi=false,true' && dvc queue start -j 1
     ctdiff verdict
 
-For each arm and comparison (``model - baseline_consistent``, ``model - reference``) and for SD - MAISI,
-per metric (:data:`METRICS`): the mean over seeds of the paired per-case difference, the spread between
-seeds (the range of the per-seed means, and the values), and a seeded percentile bootstrap 95 % interval
-over the test cases of the per-case differences averaged over seeds. A difference is called one only when
-it is larger than the seed spread and its interval excludes zero; otherwise the verdict is "no
+A run's family is ``data.phantom.family`` (``hilum`` where its params predate the key); a run on other data
+is a family of its own, named by ``data.source`` (``hf``, or ``local:<folder name>`` of ``data.local_dir``).
+The sweep varies :data:`VARIED`; every other param must agree between its runs (:func:`one_sweep`).
+
+Per family, for each arm and comparison (``model - baseline_consistent``, ``model - reference``) and for
+SD - MAISI, per metric (:data:`METRICS`): the mean over seeds of the paired per-case difference, the spread
+between seeds (the range of the per-seed means, and the values), and a seeded percentile bootstrap 95 %
+interval over the test cases of the per-case differences averaged over seeds. A difference is called one
+only when it is larger than the seed spread and its interval excludes zero; otherwise the verdict is "no
 difference". SD - MAISI pairs the arms' runs with the same ``train_seed`` (same cases, same sampling seed).
-The runs come from ``dvc exp show --json`` and each one's committed ``dvclive/evaluate/per_case.csv``
-(``git show``), so nothing is re-run.
+
+Pooled over the families (:class:`Pooled`): the mean of the family means, a spread, and a verdict that says
+where the families disagree. The spread is the largest of the families' seed spreads and the range of the
+family means. It is the pooled number's seed spread: how far the answer moves when one changes something the
+experimenter did not pick on purpose, the training seed (measured within each family) or the data (the
+family). Like the seed spread it is a range, in the metric's units: with two or three families and seeds a
+standard deviation is not worth estimating. The largest of the two, not their sum: each family mean already
+carries its seed noise, so a sum would count it twice; the largest is the smallest bound that neither
+source exceeds. The pooled row is called only when every family
+calls it the same way (the claim "it holds on both families"), and then the mean and spread give its size
+and how much of it depends on the family. It is not called by comparing the pooled mean with the pooled
+spread: that would say "no difference" for a gain of 1 dB on one family and 3 dB on the other, which holds
+on both. Where the signs differ the two rules agree, since the range of the family means then exceeds the
+magnitude of their mean.
+
+The experiments come from :func:`dvc.api.exp_show` (each commit's and experiment's name, revision and
+state), their params from :func:`dvc.api.params_show` (typed and alone; exp_show's table mixes params with
+metrics and dependency hashes, all as text), and each run's committed ``dvclive/evaluate/per_case.csv``
+from :func:`dvc.api.read`, so nothing is re-run. See docs/verdict.md.
 """
 
 from __future__ import annotations
@@ -23,33 +46,39 @@ import csv
 import io
 import json
 import math
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import dvc.api
 import numpy as np
+from dvc.exceptions import PathMissingError
 
 from ctdiff.metrics.cases import paired_bootstrap
+from ctdiff.params import leaves
 
+SWEEP = ("dvc exp run --queue -S 'data.phantom.family=hilum,periphery' -S 'train_seed=0,1,2' "
+         "-S 'vae.use_maisi=false,true' && dvc queue start -j 1")
 PER_CASE = "dvclive/evaluate/per_case.csv"
 METRICS = ("psnr_body", "mae_hu_body", "embolus_conspicuity", "false_defect_fraction")
 COMPARISONS = (("model", "baseline_consistent"), ("model", "reference"))
+SD_MAISI = "SD - MAISI (model)"
 BETTER = {"psnr_body": "higher", "mae_hu_body": "lower", "embolus_conspicuity": "higher",
           "false_defect_fraction": "lower", "psnr": "higher", "ssim_body": "higher"}
-IGNORED_PARAMS = ("train_seed", "vae.use_maisi")  # what a sweep varies; every other param must agree
+VARIED = ("data.phantom.family", "train_seed", "vae.use_maisi")  # what a sweep varies; every other param agrees
+DEFAULT_FAMILY = "hilum"  # the phantoms from before data.phantom.family existed
 
 
 @dataclass
 class SeedRun:
-    """One finished experiment: its arm, training seed and per-case rows (case id -> column -> value)."""
+    """One finished experiment: its family, arm, training seed and per-case rows (case id -> column -> value)."""
 
     name: str
     rev: str
+    family: str
     arm: str
     train_seed: int
-    config: str  # the params that are neither the arm nor the seed, as one string: runs of one sweep share it
+    config: str  # every param but VARIED, as one string: the runs of one sweep share it
     rows: dict[str, dict[str, float]]
 
     def values(self, rung: str, metric: str) -> dict[str, float]:
@@ -67,59 +96,57 @@ def read_per_case(text: str) -> dict[str, dict[str, float]]:
     return rows
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def family_of(params: dict[str, object]) -> str:
+    """The family of a run's data, from its flat params (``data.source``, ``data.phantom.family``, ...)."""
+    source = params.get("data.source", "phantom")
+    if source == "phantom":
+        return str(params.get("data.phantom.family", DEFAULT_FAMILY))
+    if source == "local":
+        return f"local:{Path(str(params.get('data.local_dir', ''))).name}"
+    return str(source)
 
 
-def load_runs(repo: Path = Path("."), names: Sequence[str] | None = None) -> list[SeedRun]:
-    """Every committed experiment of the repository (and the checked-out commit) with an evaluate result."""
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, check=True, capture_output=True,
-                                      text=True).stdout)
-    entries = []
-    for entry in shown:
-        if entry.get("rev") != "workspace":
-            entries.append((entry.get("name") or entry["rev"][:7], entry["rev"], entry["data"]))
-        for exp in entry.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                entries.append((rev.get("name") or exp.get("name") or rev["rev"][:7], rev["rev"], rev["data"]))
+def load_runs(repo: Path = Path("."), names: Sequence[str] | None = None, num: int = 1) -> list[SeedRun]:
+    """Every finished experiment of the last ``num`` commits (and those commits) with an evaluate result,
+    newest first."""
+    shown = dvc.api.exp_show(repo=str(repo), num=num)
+    # Experiments newest first, each commit after them (exp_show lists a commit before its experiments).
+    shown = sorted((row for row in shown if row["rev"] != "workspace" and row["State"] in (None, "Success")),
+                   key=lambda row: row["typ"] == "baseline")
     runs = []
-    for name, rev, data in entries:
+    for row in shown:
+        name = row["Experiment"] or row["rev"]
         if names and name not in names:
             continue
-        params = _flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-        shown_file = subprocess.run(["git", "show", f"{rev}:{PER_CASE}"], cwd=repo, capture_output=True, text=True)
-        if shown_file.returncode != 0 or not params:
+        try:
+            per_case = dvc.api.read(PER_CASE, repo=str(repo), rev=row["rev"])
+        except PathMissingError:
             continue
-        config = json.dumps({k: v for k, v in sorted(params.items()) if k not in IGNORED_PARAMS}, sort_keys=True)
-        runs.append(SeedRun(name, rev, "maisi" if params.get("vae.use_maisi") else "sd",
-                            int(params.get("train_seed", 0)), config, read_per_case(shown_file.stdout)))
+        params = leaves(dvc.api.params_show(repo=str(repo), rev=row["rev"]))
+        config = json.dumps({k: v for k, v in params.items() if k not in VARIED}, sort_keys=True)
+        runs.append(SeedRun(name, row["rev"], family_of(params), "maisi" if params.get("vae.use_maisi") else "sd",
+                            int(params.get("train_seed", 0)), config, read_per_case(per_case)))
     return runs
 
 
 def one_sweep(runs: list[SeedRun]) -> list[SeedRun]:
-    """The runs of one sweep: those sharing a config (every param but the arm and the seed), one per (arm, seed)
-    (the first listed, which ``dvc exp show`` gives newest first). Of several configs, the one with the most
-    (arm, seed) runs wins, the newest on a tie: experiments on other params (a lever tried on val after the
-    sweep) neither join it nor replace it."""
-    groups: dict[str, dict[tuple[str, int], SeedRun]] = {}
+    """The runs of one sweep: those sharing a config (every param but :data:`VARIED`), one per (family, arm,
+    seed) (the first listed: the newest). Of several configs, the one with the most runs wins, the newest on a
+    tie: experiments on other params (a lever tried on val after the sweep) neither join it nor replace it."""
+    groups: dict[str, dict[tuple[str, str, int], SeedRun]] = {}
     for run in runs:
-        groups.setdefault(run.config, {}).setdefault((run.arm, run.train_seed), run)
+        groups.setdefault(run.config, {}).setdefault((run.family, run.arm, run.train_seed), run)
     if not groups:
         return []
     kept = max(groups.values(), key=len)  # max keeps the first of equals: the newest config
-    return sorted(kept.values(), key=lambda r: (r.arm, r.train_seed))
+    return sorted(kept.values(), key=lambda r: (r.family, r.arm, r.train_seed))
 
 
 @dataclass
 class Finding:
-    """One row of the verdict."""
+    """One row of a family's verdict."""
 
+    family: str
     arm: str
     comparison: str
     metric: str
@@ -147,7 +174,8 @@ class Finding:
 
 def compare(first: Sequence[SeedRun], second: Sequence[SeedRun], rungs: tuple[str, str], metric: str,
             arm: str, label: str, seed: int = 0) -> Finding | None:
-    """``first``'s rung minus ``second``'s (the same runs for a comparison within an arm), paired by seed."""
+    """``first``'s rung minus ``second``'s (the same runs for a comparison within an arm), paired by seed;
+    the runs are one family's."""
     seeds = sorted({r.train_seed for r in first} & {r.train_seed for r in second})
     by_seed_a = {r.train_seed: r for r in first}
     by_seed_b = {r.train_seed: r for r in second}
@@ -160,50 +188,140 @@ def compare(first: Sequence[SeedRun], second: Sequence[SeedRun], rungs: tuple[st
         return None
     averaged = [float(np.mean([d[c] for d in per_seed])) for c in cases]
     interval = paired_bootstrap(averaged, seed)
-    return Finding(arm, label, metric, float(np.mean(averaged)), [float(np.mean([d[c] for c in cases]))
-                                                                  for d in per_seed],
+    return Finding(first[0].family, arm, label, metric, float(np.mean(averaged)),
+                   [float(np.mean([d[c] for c in cases])) for d in per_seed],
                    (interval["ci95_low"], interval["ci95_high"]), len(cases))
 
 
 def verdict(runs: Sequence[SeedRun], metrics: Sequence[str] = METRICS) -> list[Finding]:
-    """Every arm's comparisons and SD - MAISI for ``metrics``, over the runs' seeds."""
+    """Every family's arm comparisons and SD - MAISI for ``metrics``, over its runs' seeds."""
     findings = []
-    arms = {arm: [r for r in runs if r.arm == arm] for arm in ("sd", "maisi")}
-    for arm, arm_runs in arms.items():
-        for rung, against in COMPARISONS:
-            for metric in metrics:
-                found = compare(arm_runs, arm_runs, (rung, against), metric, arm, f"{rung} - {against}")
-                if found is not None:
+    for family in sorted({r.family for r in runs}):
+        arms = {arm: [r for r in runs if r.family == family and r.arm == arm] for arm in ("sd", "maisi")}
+        for arm, arm_runs in arms.items():
+            for rung, against in COMPARISONS:
+                for metric in metrics:
+                    found = compare(arm_runs, arm_runs, (rung, against), metric, arm, f"{rung} - {against}")
                     findings.append(found)
-    if arms["sd"] and arms["maisi"]:
-        for metric in metrics:
-            found = compare(arms["sd"], arms["maisi"], ("model", "model"), metric, "both", "SD - MAISI (model)")
-            if found is not None:
-                findings.append(found)
-    return findings
+        if arms["sd"] and arms["maisi"]:
+            for metric in metrics:
+                findings.append(compare(arms["sd"], arms["maisi"], ("model", "model"), metric, "both", SD_MAISI))
+    return [f for f in findings if f is not None]
+
+
+@dataclass
+class Pooled:
+    """One row of the verdict over families: a family's row for each family that has it (module docstring)."""
+
+    arm: str
+    comparison: str
+    metric: str
+    families: dict[str, Finding]  # family -> its row, for the families that have this row
+    missing: tuple[str, ...] = ()  # the sweep's families without this row
+
+    @property
+    def mean(self) -> float:
+        """The mean of the family means."""
+        return float(np.mean([f.mean for f in self.families.values()]))
+
+    @property
+    def between_families(self) -> float:
+        """The range of the family means."""
+        means = [f.mean for f in self.families.values()]
+        return max(means) - min(means)
+
+    @property
+    def spread(self) -> float:
+        """The largest of the families' seed spreads and the range of the family means (NaN if one seed)."""
+        return float(np.max([f.seed_spread for f in self.families.values()] + [self.between_families]))
+
+    @property
+    def verdict(self) -> str:
+        """The families' verdict when they all give the same one, else where they disagree."""
+        calls = {family: f.verdict for family, f in self.families.items()}
+        calls.update(dict.fromkeys(self.missing, "not measured"))
+        if len(calls) == 1:
+            (family, call), = calls.items()
+            return f"{family} only: {call}"
+        if len(set(calls.values())) == 1:
+            return f"every family: {next(iter(calls.values()))}"
+        return "families disagree: " + "; ".join(f"{family}: {call}" for family, call in sorted(calls.items()))
+
+
+def pooled(findings: Sequence[Finding]) -> list[Pooled]:
+    """The families' rows side by side, one :class:`Pooled` per (arm, comparison, metric), in table order."""
+    families = sorted({f.family for f in findings})
+    rows: dict[tuple[str, str, str], dict[str, Finding]] = {}
+    for f in findings:
+        rows.setdefault((f.arm, f.comparison, f.metric), {})[f.family] = f
+    return [Pooled(*key, found, tuple(x for x in families if x not in found)) for key, found in rows.items()]
+
+
+def answers(findings: Sequence[Finding], pooled_rows: Sequence[Pooled], families: Sequence[str]) -> dict[str, str]:
+    """The one-line answer to SD against MAISI, per family and (with several families) pooled: each metric's
+    verdict."""
+    lines = {}
+    for family in families:
+        lines[family] = "; ".join(f"{f.metric}: {f.verdict}" for f in findings
+                                  if f.family == family and f.comparison == SD_MAISI) or "one arm: no SD - MAISI"
+    if len(lines) > 1:
+        lines["pooled"] = "; ".join(f"{p.metric}: {p.verdict}" for p in pooled_rows
+                                    if p.comparison == SD_MAISI) or "one arm: no SD - MAISI"
+    return lines
+
+
+def _arm_seeds(runs: Sequence[SeedRun]) -> str:
+    seeds = {arm: sorted(r.train_seed for r in runs if r.arm == arm) for arm in ("sd", "maisi")}
+    return f"SD seeds {seeds['sd']}, MAISI seeds {seeds['maisi']} ({', '.join(r.name for r in runs)})"
 
 
 def markdown(findings: Sequence[Finding], runs: Sequence[SeedRun]) -> str:
-    seeds = {arm: sorted(r.train_seed for r in runs if r.arm == arm) for arm in ("sd", "maisi")}
-    lines = [f"Runs: SD seeds {seeds['sd']}, MAISI seeds {seeds['maisi']} ({', '.join(r.name for r in runs)}).",
-             "",
-             "| arm | comparison | metric | mean over seeds | seed spread (range) | per seed | bootstrap 95 % | cases "
-             "| verdict |",
-             "|---|---|---|---:|---:|---|---|---:|---|"]
-    for f in findings:
-        per_seed = ", ".join(f"{v:+.3f}" for v in f.seed_values)
-        lines.append(f"| {f.arm} | {f.comparison} | {f.metric} | {f.mean:+.3f} | {f.seed_spread:.3f} | {per_seed} | "
-                     f"[{f.ci95[0]:+.3f}, {f.ci95[1]:+.3f}] | {f.cases} | {f.verdict} |")
+    pooled_rows = pooled(findings)
+    families = sorted({r.family for r in runs})
+    disagree = [f"{p.arm} {p.comparison} {p.metric}" for p in pooled_rows if p.verdict.startswith("families")]
+    lines = [f"Families: {', '.join(families)}; runs: {len(runs)}.", "", "The answer, SD - MAISI:"]
+    lines += [f"- {scope}: {line}" for scope, line in answers(findings, pooled_rows, families).items()]
+    if len(families) > 1:
+        lines.append(f"- families disagree on: {', '.join(disagree)}" if disagree else
+                     "- the families agree on every row")
+    header = ["| arm | comparison | metric | mean over seeds | seed spread (range) | per seed | bootstrap 95 % "
+              "| cases | verdict |", "|---|---|---|---:|---:|---|---|---:|---|"]
+    for family in families:
+        lines += ["", f"Family {family}: {_arm_seeds([r for r in runs if r.family == family])}.", "", *header]
+        for f in findings:
+            if f.family == family:
+                per_seed = ", ".join(f"{v:+.3f}" for v in f.seed_values)
+                lines.append(f"| {f.arm} | {f.comparison} | {f.metric} | {f.mean:+.3f} | {f.seed_spread:.3f} | "
+                             f"{per_seed} | [{f.ci95[0]:+.3f}, {f.ci95[1]:+.3f}] | {f.cases} | {f.verdict} |")
+    if len(families) > 1:
+        lines += ["", f"Pooled over {', '.join(families)}: the mean of the family means; spread = the largest of "
+                  "the seed spreads and the range of the family means.", "",
+                  "| arm | comparison | metric | mean of families | spread | per family | verdict |",
+                  "|---|---|---|---:|---:|---|---|"]
+        for p in pooled_rows:
+            per_family = ", ".join(f"{family} {f.mean:+.3f}" for family, f in p.families.items())
+            lines.append(f"| {p.arm} | {p.comparison} | {p.metric} | {p.mean:+.3f} | {p.spread:.3f} | {per_family} "
+                         f"| {p.verdict} |")
     return "\n".join(lines)
 
 
-def main(repo: Path = Path("."), names: Sequence[str] | None = None, as_json: bool = False) -> str:
-    runs = one_sweep(load_runs(repo, names))
+def as_json(findings: Sequence[Finding], runs: Sequence[SeedRun]) -> str:
+    pooled_rows = pooled(findings)
+    families = sorted({r.family for r in runs})
+    return json.dumps({
+        "runs": [{k: getattr(r, k) for k in ("name", "rev", "family", "arm", "train_seed")} for r in runs],
+        "findings": [{**f.__dict__, "seed_spread": f.seed_spread, "verdict": f.verdict} for f in findings],
+        "pooled": [{"arm": p.arm, "comparison": p.comparison, "metric": p.metric, "mean": p.mean, "spread": p.spread,
+                    "between_families": p.between_families, "families": {k: f.mean for k, f in p.families.items()},
+                    "missing": list(p.missing), "verdict": p.verdict} for p in pooled_rows],
+        "answers": answers(findings, pooled_rows, families),
+    }, indent=2)
+
+
+def main(repo: Path = Path("."), names: Sequence[str] | None = None, json_out: bool = False, num: int = 1) -> str:
+    runs = one_sweep(load_runs(repo, names, num))
     if not runs:
-        raise RuntimeError("no experiment with dvclive/evaluate/per_case.csv found: run the sweep first "
-                           "(dvc exp run --queue -S 'train_seed=0,1,2' -S 'vae.use_maisi=false,true')")
+        raise RuntimeError(f"no experiment with {PER_CASE} among the last {num} commit(s)' experiments: run the "
+                           f"sweep first ({SWEEP}), or look further back with --num")
     findings = verdict(runs)
-    if as_json:
-        return json.dumps([{**f.__dict__, "seed_spread": f.seed_spread, "verdict": f.verdict} for f in findings],
-                          indent=2)
-    return markdown(findings, runs)
+    return as_json(findings, runs) if json_out else markdown(findings, runs)

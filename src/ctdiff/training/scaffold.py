@@ -21,7 +21,6 @@ stored too, so a mismatch names the keys that changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -39,6 +38,7 @@ from dvclive import Live
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from ctdiff.data.processed import Case
+from ctdiff.io import digest
 from ctdiff.models.checkpoint import diff_keys, load_checkpoint, save_checkpoint
 
 LAST, BEST = "last.pt", "best.pt"  # last: to continue from; best: by the stage's validation value
@@ -60,11 +60,6 @@ def shaping(params_group: dict[str, Any], seed: int, train_cases: Sequence[Case]
     }
 
 
-def params_hash(shaping_dict: dict[str, Any]) -> str:
-    """Short stable hash of a JSON-able dict."""
-    return hashlib.sha256(json.dumps(shaping_dict, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def resumable(path: Path, shaping_dict: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     """(checkpoint, why) for ``last.pt``: the checkpoint when it matches ``shaping_dict``, else None and the reason."""
     if not path.is_file():
@@ -73,7 +68,7 @@ def resumable(path: Path, shaping_dict: dict[str, Any]) -> tuple[dict[str, Any] 
         ckpt = load_checkpoint(path)
     except Exception as exc:  # a torn or foreign file: never resume from something we cannot read
         return None, f"{path} is unreadable ({type(exc).__name__}: {exc}): starting fresh"
-    if ckpt.get("params_hash") != params_hash(shaping_dict):
+    if ckpt.get("params_hash") != digest(shaping_dict):
         old = json.loads(ckpt.get("params_shaping", "{}"))
         changed = diff_keys(old, shaping_dict)
         shown = ", ".join(changed[:6]) + (f" (+{len(changed) - 6} more)" if len(changed) > 6 else "")
@@ -274,7 +269,7 @@ class TrainingRun:
             "epoch_stats": self.epoch_stats.state(),
             "best_val": self.best_val,
             "rng": rng_state(rng),
-            "params_hash": params_hash(self.shaping),
+            "params_hash": digest(self.shaping),
             "params_shaping": json.dumps(self.shaping, sort_keys=True),
         })
 
