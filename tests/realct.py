@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pydicom
 import yaml
+from paramkit import merged_params, repo_params
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian
 from trainkit import tiny_params, write_vae
 
 from ctdiff.data.fetch import fetch_data
 from ctdiff.data.preprocess import preprocess
-from ctdiff.params import Params, PreprocessParams, params_from_dict, to_dict
+from ctdiff.params import Params, to_dict, with_overrides
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "dcm_qa_ct"
 PAIR_ZIP = FIXTURES / "philips_s21570.zip"  # S21570/1/ = S2010 (5 mm), S21570/2/ = S2020 (1 mm), 64 x 64 px
@@ -40,7 +41,7 @@ Files = list[tuple[str, bytes]]
 
 def limits(**overrides) -> dict:
     """read_case / read_thick_series keyword arguments at the params.yaml defaults."""
-    p = PreprocessParams()
+    p = repo_params().preprocess
     return {"min_slices": p.min_slices, "allow_gaps": p.allow_gaps, "max_members": p.max_zip_members,
             "max_unzipped_bytes": int(p.max_unzipped_gb * 1024**3), **overrides}
 
@@ -75,7 +76,7 @@ def processed_real_case(tmp_dir: Path, **preprocess_params) -> Path:
     """
     raw = Path(tmp_dir) / "raw"
     write_zip(raw / "non-APE" / f"{CASE_ID}.zip", members(PAIR_ZIP))
-    params = params_from_dict({"preprocess": {"workers": 1, "min_cases": 1,
+    params = merged_params({"preprocess": {"workers": 1, "min_cases": 1,
                                               "split": {"train": 1.0, "val": 0.0, "test": 0.0},
                                               **preprocess_params}})
     report = preprocess(params, raw, Path(tmp_dir) / "processed", progress=False)
@@ -168,17 +169,18 @@ def trained_workspace(root: Path) -> Params:
     """A tiny SD-arm model trained on 5 phantom cases under ``root`` (``models/vae``, ``models/checkpoints``,
     ``params.yaml``), as the predict tests build theirs; returns its params."""
     from ctdiff.training.ldm import train
+    from ctdiff.training.slab import run_slab_stage
 
-    raw = to_dict(tiny_params(epochs=1, vae_freeze_epochs=1))
-    raw["data"]["phantom"].update({"n_cases": 5, "shape": [30, 32, 32], "pixel_mm": 8.0, "centre": "body"})
-    raw["preprocess"].update({"workers": 1, "min_cases": 3})
-    raw["evaluate"].update({"steps": 2, "samples": 2, "bspline_baseline": False})
-    raw["train"]["device"] = "cpu"
-    params = params_from_dict(raw)
+    params = with_overrides(tiny_params(epochs=1, vae_freeze_epochs=1), {
+        "device": "cpu", "data.phantom.n_cases": 5, "data.phantom.shape": [30, 32, 32], "data.phantom.pixel_mm": 8.0,
+        "data.phantom.centre": "body", "preprocess.workers": 1, "preprocess.min_cases": 3,
+        "train.sampling.steps": 2, "train.sampling.samples": 2, "evaluate.bspline_baseline": False})
     (root / "params.yaml").write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
     fetch_data(params, root / "data" / "raw")
     preprocess(params, root / "data" / "raw", root / "data" / "processed", progress=False)
+    run_slab_stage(params, root / "data" / "processed", root / "models" / "slab", root / "data" / "slab", None,
+                   progress=False)
     write_vae(root / "models" / "vae", params)
-    train(params, root / "data" / "processed", root / "models" / "vae", root / "models" / "checkpoints",
-          root / "dvclive" / "train", progress=False)
+    train(params, root / "data" / "processed", root / "data" / "slab", root / "models" / "slab",
+          root / "models" / "vae", root / "models" / "checkpoints", root / "dvclive" / "train", progress=False)
     return params

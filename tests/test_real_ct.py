@@ -23,6 +23,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from paramkit import repo_params
 from pydicom.errors import BytesLengthException
 from realct import (
     GE_ZIP,
@@ -192,7 +193,7 @@ def test_tilted_slices_keep_each_stored_pixel_where_dicom_puts_it(zip_path, tilt
 
 # ---------------------------------------------------------------------------- the GE head, and padding
 def test_ge_head_with_mixed_slices_names_predicts_own_flag(tmp_path):
-    params = Params()
+    params = repo_params()
     with pytest.raises(PredictError) as refused:
         read_scan(GE_ZIP, params)
     assert str(refused.value) == (
@@ -262,7 +263,7 @@ def test_compressed_transfer_syntaxes_read_exactly(pair, tmp_path, syntax):
     both = read_case(case_zip(tmp_path, variant), **limits())
     assert_same_series(both.series1, pair.series1)
     if syntax == "JPEG2000Lossless":  # and ctdiff predict's reading path
-        scan = read_scan(case_zip(tmp_path, variant, name="j2k.zip"), Params())
+        scan = read_scan(case_zip(tmp_path, variant, name="j2k.zip"), repo_params())
         np.testing.assert_array_equal(scan.hu, pair.series1.hu)
         assert scan.grid == pair.series1.grid and scan.thickness_mm == 5.0
 

@@ -100,7 +100,7 @@ def sweep(tmp_path_factory):
     repo.run(*shlex.split(queue))
     # `dvc queue start -j 1` returns at once; --run-all starts the same worker and returns when the queue is done.
     repo.dvc("exp", "run", "--run-all", "-j", "1")
-    repo.dvc("exp", "run", "-n", "lever", "-S", "evaluate.steps=2")
+    repo.dvc("exp", "run", "-n", "lever", "-S", "evaluate.max_cases=2")
     return repo
 
 
