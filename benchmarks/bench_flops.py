@@ -26,8 +26,7 @@ sys.path.insert(0, str(REPO / "src"))
 from ctdiff.models.denoiser import build_unet  # noqa: E402
 from ctdiff.models.reference import build_reference_net  # noqa: E402
 from ctdiff.models.vae.maisi import maisi_config  # noqa: E402
-from ctdiff.params import params_from_dict  # noqa: E402
-from ctdiff.presets import leaves  # noqa: E402
+from ctdiff.params import leaves, params_from_dict, read_params_yaml, set_dotted  # noqa: E402
 
 VOLUME = (300, 512, 512)  # a real thin series (D, H, W)
 SD_RELEASED = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -42,13 +41,8 @@ def flops(fn) -> float:
 
 
 def gpu_params():
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in leaves(yaml.safe_load((REPO / "presets" / "real.yaml").read_text())).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+    raw = set_dotted(read_params_yaml(REPO / "params.yaml"),
+                     leaves(yaml.safe_load((REPO / "presets" / "real.yaml").read_text())))
     return params_from_dict(raw)
 
 
@@ -71,7 +65,7 @@ def main() -> int:
     maisi_encode = flops(lambda: maisi.encode(torch.empty(1, 1, cube, cube, cube))) / cube**3 * voxels
     maisi_decode = flops(lambda: maisi.decode(torch.empty(1, 4, cube // 4, cube // 4, cube // 4))) / cube**3 * voxels
 
-    tp, ep, sp = params.train, params.evaluate, params.sr_reference
+    tp, ep, sp = params.train, params.train.sampling, params.sr_reference
     rows = []
     for arm, down, enc, dec in (("sd", (1, 8, 8), sd_encode, sd_decode), ("maisi", (4, 4, 4), maisi_encode,
                                                                           maisi_decode)):
@@ -81,7 +75,7 @@ def main() -> int:
             unet = build_unet(tp.unet, 4)
         window = flops(lambda: unet(torch.empty(1, 8, *latent_patch), timesteps=torch.empty(1)))  # noqa: B023
         step = 3 * window * tp.batch_size  # forward + backward of a batch
-        # evaluate: windows at evaluate.overlap over the whole latent, per sampling step and draw
+        # evaluate: windows at train.sampling.overlap over the whole latent, per sampling step and draw
         stride = [max(1, int(p * (1 - ep.overlap))) for p in latent_patch]
         windows = math.prod(max(1, math.ceil((v - p) / s) + 1) for v, p, s in zip(latent_volume, latent_patch, stride))
         sampling = windows * window * ep.steps * ep.samples

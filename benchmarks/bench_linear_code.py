@@ -2,7 +2,7 @@
 
 For each VAE's latent grid (SD: 1 x 8 x 8 voxels per latent position, MAISI: 4 x 4 x 4) and its 4 latent
 channels, the blocks of the train split's volumes (series 1 on the grid and series 2, as vae_fit trains on
-both) in [0, 1] over ``vae.hu_range`` are centred and their top principal components taken (an SVD, no
+both) in [0, 1] over ``hu_range`` are centred and their top principal components taken (an SVD, no
 learning beyond it): a code of exactly as many values per volume as the VAE's latent. Each val target is
 encoded (its blocks projected on the components) and decoded, and scored with the pipeline's own metrics
 (``TruthScorer``: psnr_body and the rest) beside the scratch VAE's vae_check numbers.
@@ -75,19 +75,19 @@ def main() -> int:
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
     params = load_params(args.params)
-    low, high = params.vae.hu_range
+    low, high = params.hu_range
     train, held_out = split_cases(args.processed, "train"), split_cases(args.processed, args.split)
     components = params.vae.latent_channels
     results = {}
     for arm, block in GRIDS.items():
         tic = time.perf_counter()
-        mean, basis = fit(train, block, components, params.vae.hu_range)
+        mean, basis = fit(train, block, components, params.hu_range)
         per_case = []
         for case in held_out:
             truth = case.load("target")
-            recon01 = round_trip(to_x01(truth, params.vae.hu_range).numpy().astype(np.float64), mean, basis, block)
+            recon01 = round_trip(to_x01(truth, params.hu_range).numpy().astype(np.float64), mean, basis, block)
             recon_hu = torch.from_numpy(recon01.astype(np.float32)) * (high - low) + low
-            per_case.append(TruthScorer(truth, params.vae.hu_range).score(recon_hu))
+            per_case.append(TruthScorer(truth, params.hu_range).score(recon_hu))
         results[arm] = {"block": list(block), "components": components, **mean_metrics(per_case),
                         "seconds": time.perf_counter() - tic}
     print(f"linear block code on {len(held_out)} {args.split} case(s), fitted on {len(train)} train case(s) "

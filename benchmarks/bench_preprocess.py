@@ -27,8 +27,9 @@ import numpy as np
 
 from ctdiff.data.dicom_write import SeriesSpec, encode_series
 from ctdiff.data.preprocess import preprocess
-from ctdiff.params import params_from_dict
+from ctdiff.params import load_params, with_overrides
 
+REPO = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
 
 
@@ -76,7 +77,8 @@ def write_case(path: Path, n_thin: int, n_thick: int, size: int) -> None:
 
 
 def time_ctdiff(raw: Path, workers: int) -> float:
-    params = params_from_dict({"preprocess": {"workers": workers, "min_cases": 1}})
+    params = with_overrides(load_params(REPO / "params.yaml"), {"preprocess.workers": workers,
+                                                                "preprocess.min_cases": 1})
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         start = time.perf_counter()
         report = preprocess(params, raw, Path(tmp) / "processed", progress=False)

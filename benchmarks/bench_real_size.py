@@ -28,18 +28,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from ctdiff.presets import leaves  # noqa: E402
+from ctdiff.params import leaves, read_params_yaml, set_dotted  # noqa: E402
 
-SHARED = ("fetch_data", "preprocess", "sr_reference")  # the same for both arms
+SHARED = ("fetch_data", "preprocess", "slab", "sr_reference")  # the same for both arms
 SHARED_OUTPUTS = {"fetch_data": ("data/raw",), "preprocess": ("data/processed",),
+                  "slab": ("models/slab", "data/slab", "dvclive/slab"),
                   "sr_reference": ("models/sr_reference", "dvclive/sr_reference")}
-ORDER = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate",
-         "predict")
+ORDER = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
+         "evaluate", "predict")
 GOAL_GB = 6.0
 # What each stage spends its time on, and what of it a GPU takes over (not measured here: no GPU).
 WHERE = {
     "fetch_data": "phantom rendering and DICOM encoding (CPU, NumPy); stays on the CPU",
     "preprocess": "DICOM decoding and resampling (CPU, one worker per case); stays on the CPU",
+    "slab": "the profile's least squares on the train pairs and each case's projection (CPU, NumPy)",
     "fetch_weights": "nothing to download for scratch VAEs",
     "vae_fit": "VAE forward and backward on patches: GPU",
     "vae_check": "VAE encode and decode of the whole volume: GPU; the metrics stay on the CPU",
@@ -66,15 +68,9 @@ def workspace(root: Path, use_maisi: bool, shape: list[int] | None = None) -> Pa
     """A folder with the repository's params.yaml and the real-size preset (and the arm) applied; ``shape``
     replaces the phantoms' (a quick check of the benchmark itself)."""
     root.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
     preset = leaves(yaml.safe_load((REPO / "presets" / "real-size.yaml").read_text()))
-    extra = {"data.phantom.shape": shape} if shape else {}
-    for dotted, value in {**preset, "vae.use_maisi": use_maisi, **extra}.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+    extra = {"data.phantom.families.hilum.shape": shape} if shape else {}
+    params = set_dotted(read_params_yaml(REPO / "params.yaml"), {**preset, "vae.use_maisi": use_maisi, **extra})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -113,7 +109,7 @@ def cases_of(root: Path, stage: str) -> int:
     if stage == "fetch_data":
         return params["data"]["phantom"]["n_cases"]
     splits = json.loads((root / "data" / "processed" / "splits.json").read_text())
-    return {"preprocess": sum(len(v) for v in splits.values()),
+    return {"preprocess": sum(len(v) for v in splits.values()), "slab": sum(len(v) for v in splits.values()),
             "fetch_weights": 1, "vae_fit": len(splits["train"]),
             "vae_check": min(params["vae_check"]["max_cases"] or 10**9, len(splits["val"])),
             "train": len(splits["train"]) + len(splits["val"]),

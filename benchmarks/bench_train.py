@@ -32,15 +32,15 @@ import torch
 from ctdiff.data.processed import split_cases
 from ctdiff.models.denoiser import build_unet, latent_patch_shape
 from ctdiff.models.diffusion import diffusion_loss, training_scheduler
-from ctdiff.models.vae.adapter import VaeAdapter
 from ctdiff.models.vae.maisi import maisi_config
 from ctdiff.models.vae.sd import sd_scratch_config
 from ctdiff.models.vae.weights import new_codec, scratch_config
-from ctdiff.params import MaisiArchParams, SdArchParams, params_from_dict
+from ctdiff.params import MaisiArchParams, SdArchParams, load_params, with_overrides
 from ctdiff.training.latents import LatentCache, PatchSampler
 
-RELEASED = {"maisi": MaisiArchParams(), "sd": SdArchParams(block_out_channels=(128, 256, 512, 512),
-                                                             layers_per_block=2, norm_num_groups=32)}
+REPO = Path(__file__).resolve().parents[1]
+RELEASED = {"maisi": MaisiArchParams(num_channels=(64, 128, 256), num_res_blocks=(2, 2, 2), norm_num_groups=32),
+            "sd": SdArchParams(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)}
 
 
 def write_cases(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Path:
@@ -65,7 +65,8 @@ def write_cases(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) 
 
 
 def bench_codec(name: str, real_widths: bool, processed: Path, steps: int, warmup: int) -> dict[str, float]:
-    params = params_from_dict({"vae": {"use_maisi": name == "maisi", "pretrained": False}})
+    params = with_overrides(load_params(REPO / "params.yaml"), {"vae.use_maisi": name == "maisi",
+                                                                "vae.pretrained": False})
     tp = params.train
     if real_widths:
         lc = params.vae.latent_channels
@@ -73,7 +74,7 @@ def bench_codec(name: str, real_widths: bool, processed: Path, steps: int, warmu
     else:
         config = scratch_config(params.vae)
     torch.manual_seed(0)
-    vae = VaeAdapter(new_codec(params.vae, config), {"codec": name})
+    vae = new_codec(params.vae, params.hu_range, config)
     vae.set_trainable("none")
     sampler = PatchSampler(latent_patch_shape(tp.patch, vae.downsample, tp.unet.latent_multiple, name), vae.downsample)
     cases = split_cases(processed, "train")
@@ -124,7 +125,7 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.python_version()}")
-    tp = params_from_dict({}).train
+    tp = load_params(REPO / "params.yaml").train
     print(f"train defaults: patch {list(tp.patch)}, batch {tp.batch_size}, UNet {list(tp.unet.channels)}; "
           f"{args.cases} volumes {list(args.shape)}; {args.steps} timed steps per mode; "
           f"{'released' if args.real_widths else 'scratch (CPU)'} VAE widths, random weights")

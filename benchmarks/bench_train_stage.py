@@ -29,9 +29,10 @@ from ctdiff.data.preprocess import preprocess
 from ctdiff.io import atomic_dir
 from ctdiff.models.vae.maisi import maisi_config
 from ctdiff.models.vae.sd import sd_scratch_config
-from ctdiff.models.vae.weights import new_codec, save_weights, write_manifest
+from ctdiff.models.vae.weights import new_codec, runtime_settings, save_weights, write_manifest
 from ctdiff.params import load_params
 from ctdiff.training.ldm import train
+from ctdiff.training.slab import run_slab_stage
 
 
 def main() -> None:
@@ -50,17 +51,20 @@ def main() -> None:
         tic = time.perf_counter()
         fetch_data(params, root / "raw")
         preprocess(params, root / "raw", root / "processed", progress=False)
+        run_slab_stage(params, root / "processed", root / "models_slab", root / "slab", None, progress=False)
         data_s = time.perf_counter() - tic
         torch.manual_seed(0)
-        codec = new_codec(vae, config)
+        codec = new_codec(vae, params.hu_range, config)
         n_params = sum(p.numel() for p in codec.module.parameters())
         with atomic_dir(root / "vae") as out:
             files = save_weights(codec, out)
-            write_manifest(out, codec, ".", files, {"source": "random, released architecture (benchmark)"})
+            write_manifest(out, codec, ".", files, {"origin": "random, released architecture (benchmark)"},
+                           runtime_settings(vae))
         del codec
 
         tic = time.perf_counter()
-        result = train(params, root / "processed", root / "vae", root / "checkpoints", root / "live", progress=False)
+        result = train(params, root / "processed", root / "slab", root / "models_slab", root / "vae",
+                       root / "checkpoints", root / "live", progress=False)
         total = time.perf_counter() - tic
 
     tp = params.train

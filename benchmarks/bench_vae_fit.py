@@ -74,7 +74,7 @@ def main() -> int:
     train, val = split_cases(args.processed, "train"), split_cases(args.processed, "val")
     torch.set_num_threads(torch.get_num_threads())
     set_determinism(params.train_seed)
-    codec = new_codec(vae, scratch_config(vae))
+    codec = new_codec(vae, params.hu_range, scratch_config(vae))
     if vae.logvar_init is not None:
         init_logvar(codec, vae.logvar_init)
     curve, timer = [], {"train": 0.0, "tic": time.perf_counter()}
@@ -83,7 +83,7 @@ def main() -> int:
     def on_epoch(epoch: int, losses: dict[str, float]) -> None:
         if epoch + 1 in checkpoints:
             timer["train"] += time.perf_counter() - timer["tic"]
-            metrics = score(codec, val, vae.hu_range)
+            metrics = score(codec, val, params.hu_range)
             curve.append({"epoch": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
                           "train_seconds": round(timer["train"], 1), **metrics})
             print(f"epoch {epoch + 1}: {timer['train']:.0f} s of training, val psnr_body {metrics['psnr_body']:.2f} dB",

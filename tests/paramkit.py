@@ -23,9 +23,23 @@ def repo_params(overrides: Mapping[str, Any] | None = None) -> Params:
     return params_from_dict(raw_params(overrides))
 
 
+CROP_KEYS = ("shape", "pixel_mm", "centre")  # of the selected family's crop
+
+
 def phantom_params(**changes: Any) -> PhantomParams:
-    """The committed ``data.phantom`` with some fields changed."""
-    return dataclasses.replace(repo_params().data.phantom, **changes)
+    """The committed ``data.phantom`` with some fields changed; ``shape``, ``pixel_mm`` and ``centre`` change the
+    selected family's crop (``family`` may select another first)."""
+    return with_crop(repo_params().data.phantom, **changes)
+
+
+def with_crop(p: PhantomParams, **changes: Any) -> PhantomParams:
+    """``p`` with some fields changed, ``shape``/``pixel_mm``/``centre`` in its selected family's crop."""
+    crop = {k: changes.pop(k) for k in CROP_KEYS if k in changes}
+    p = dataclasses.replace(p, **changes)
+    if crop:
+        family = dataclasses.replace(p.crop, **crop)
+        p = dataclasses.replace(p, families=dataclasses.replace(p.families, **{p.family: family}))
+    return p
 
 
 def merged_params(partial: Mapping[str, Any]) -> Params:

@@ -172,8 +172,9 @@ def trained_workspace(root: Path) -> Params:
     from ctdiff.training.slab import run_slab_stage
 
     params = with_overrides(tiny_params(epochs=1, vae_freeze_epochs=1), {
-        "device": "cpu", "data.phantom.n_cases": 5, "data.phantom.shape": [30, 32, 32], "data.phantom.pixel_mm": 8.0,
-        "data.phantom.centre": "body", "preprocess.workers": 1, "preprocess.min_cases": 3,
+        "device": "cpu", "data.phantom.n_cases": 5, "data.phantom.families.hilum.shape": [30, 32, 32],
+        "data.phantom.families.hilum.pixel_mm": 8.0, "data.phantom.families.hilum.centre": "body",
+        "preprocess.workers": 1, "preprocess.min_cases": 3,
         "train.sampling.steps": 2, "train.sampling.samples": 2, "evaluate.bspline_baseline": False})
     (root / "params.yaml").write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
     fetch_data(params, root / "data" / "raw")

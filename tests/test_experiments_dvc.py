@@ -22,8 +22,8 @@ STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_c
 CONTRACT = {"psnr", "ssim", "mae_hu", "psnr_body", "ssim_body", "mae_hu_body"}
 TINY = {
     "data.phantom.n_cases": 10,
-    "data.phantom.shape": [30, 32, 32],
-    "data.phantom.pixel_mm": 8.0,
+    "data.phantom.families.hilum.shape": [30, 32, 32],
+    "data.phantom.families.hilum.pixel_mm": 8.0,
     "preprocess.workers": 2,
     "vae.pretrained": False,
     "vae.latent_channels": 2,

@@ -22,7 +22,7 @@ from ctdiff.data import fetch as fetch_module
 from ctdiff.data.fetch import DataFetchError, fetch_data, find_zips, link_or_copy
 from ctdiff.data.phantom import write_phantom_dataset
 
-TINY_PHANTOM = {"n_cases": 3, "shape": [10, 32, 32], "pixel_mm": 10.0}
+TINY_PHANTOM = {"n_cases": 3, "families": {"hilum": {"shape": [10, 32, 32], "pixel_mm": 10.0}}}
 
 
 def _params(**data):

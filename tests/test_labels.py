@@ -16,7 +16,7 @@ from ctdiff.data.preprocess import preprocess
 SEED = 0
 # Overlapping thick slabs (4 mm apart, 5 mm thick) over 22 thin slices: preprocess crops series 2 to the
 # slices series 1 covers, so the common grid is a strict sub-block of the label map's grid.
-PHANTOM = {"n_cases": 3, "shape": [22, 40, 40], "pixel_mm": 1.6, "thick_spacing_mm": 4.0}
+PHANTOM = {"n_cases": 3, "families": {"hilum": {"shape": [22, 40, 40], "pixel_mm": 1.6}}, "thick_spacing_mm": 4.0}
 
 
 def params(**preprocess):
@@ -32,7 +32,7 @@ def raw(tmp_path_factory):
 
 
 def phantom_case(number):
-    p = phantom_params(**{k: tuple(v) if isinstance(v, list) else v for k, v in PHANTOM.items()})
+    p = phantom_params(n_cases=3, shape=(22, 40, 40), pixel_mm=1.6, thick_spacing_mm=4.0)
     return make_case(number, p, SEED, ape=number in ape_case_numbers(p, SEED))
 
 

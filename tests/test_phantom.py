@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from paramkit import merged_params, phantom_params
+from paramkit import merged_params, phantom_params, with_crop
 
 from ctdiff.data.phantom import (
     HU_AIR,
@@ -21,6 +21,7 @@ from ctdiff.data.phantom import (
     case_zip_members,
     make_case,
     slab_slices,
+    thick_profile_masses,
     write_case_zip,
     write_phantom_dataset,
 )
@@ -129,34 +130,56 @@ def test_simpleitk_reads_both_series_with_the_phantom_geometry(extracted):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(thick), stored(case.thick_hu))
 
 
-def test_thick_series_is_the_slab_average_of_the_thin_truth_at_its_physical_z(extracted):
+def weighted_thin_truth(case, p, offset_slices: int = 0) -> np.ndarray:
+    """(S, H, W) the thin truth weighted by the thick profile's mass over each thin slice, around each thick
+    slice's z (shifted by ``offset_slices``): what a profile fitted on the thin series can at best predict."""
+    z = np.arange(case.truth_hu.shape[0]) * p.thin_mm
+    centres = (case.slab_starts + (case.slab_slices - 1) / 2 + offset_slices) * p.thin_mm
+    weights = thick_profile_masses(p, z, p.thin_mm, centres)
+    return np.tensordot(weights / weights.sum(axis=1, keepdims=True), case.truth_hu, axes=(1, 0))
+
+
+def test_thick_series_is_the_scanner_profile_of_the_field_at_its_physical_z(extracted):
+    """The thick slices integrate the field with a bell-shaped profile at their own z: close to the thin truth
+    weighted by that profile (not equal: both series integrate a finer field), far from its box average."""
     folder, number = extracted
     case = make_case(number, SMALL, SEED, ape=True)
     thick = sitk.GetArrayFromImage(_read_series(folder / "1")[0]).astype(np.float64)
     thin_img, _ = _read_series(folder / "2")
-    thin_z = thin_img.GetOrigin()[2] + np.arange(thin_img.GetSize()[2]) * thin_img.GetSpacing()[2]
     n = slab_slices(SMALL)
-
-    def slab_average(offset_slices: int) -> np.ndarray:
-        """Mean of the thin truth over [z - thick/2, z + thick/2) around each thick slice's z."""
-        out = []
-        for j in range(thick.shape[0]):
-            z = case.thick_origin_mm[2] + j * SMALL.thick_mm + offset_slices * SMALL.thin_mm
-            ks = np.nonzero((thin_z >= z - SMALL.thick_mm / 2) & (thin_z < z + SMALL.thick_mm / 2))[0]
-            assert len(ks) == n
-            out.append(case.truth_hu[ks].mean(axis=0))
-        return np.stack(out)
-
-    body = slab_average(0) > -950  # away from the -1024 storage floor
-    residual = (thick - slab_average(0))[body]
-    expected_std = math.hypot(SMALL.noise_hu / math.sqrt(n), 1 / math.sqrt(12))  # noise + rounding
+    box = np.stack([case.truth_hu[k:k + n].mean(axis=0) for k in case.slab_starts])
+    weighted = weighted_thin_truth(case, SMALL)
+    body = weighted > -950  # away from the -1024 storage floor
+    residual = (thick - weighted)[body]
     assert abs(residual.mean()) < 0.5
-    assert residual.std() == pytest.approx(expected_std, rel=0.15)
-    # One thin slice off in z is clearly worse: the test sees the slab position, not just the average.
-    assert (thick - slab_average(1))[body].std() > 1.5 * residual.std()
+    box_error = np.abs(case.thick_truth_hu - box)[body].mean()
+    profile_error = np.abs(case.thick_truth_hu - weighted)[body].mean()
+    assert box_error > 3 * profile_error > 0  # the box is visibly wrong; the profile nearly right, not by construction
+    # One thin slice off in z is clearly worse: the test sees the slab position, not just the profile.
+    assert np.abs(case.thick_truth_hu - weighted_thin_truth(case, SMALL, 1))[body].mean() > 2 * profile_error
+    noise = case.thick_hu - case.thick_truth_hu  # about noise / sqrt(n): the profile spans about n thin slices
+    assert noise.std() == pytest.approx(SMALL.noise_hu / math.sqrt(n), rel=0.2)
 
     thin_residual = sitk.GetArrayFromImage(thin_img) - case.truth_hu
     assert thin_residual[case.truth_hu > -950].std() == pytest.approx(SMALL.noise_hu, rel=0.1)
+
+
+def test_with_box_profiles_and_no_subsamples_the_thick_series_is_the_box_average():
+    """The old physics, as a limit of the new: every profile a box, the field sampled at the thin slices."""
+    p = dataclasses.replace(SMALL, z_subsamples=1, thin_blur_mm=0.0, thick_blur_mm=0.0)
+    case = make_case(1, p, SEED, ape=False)
+    n = slab_slices(p)
+    box = np.stack([case.truth_hu[k:k + n].mean(axis=0) for k in case.slab_starts])
+    np.testing.assert_allclose(case.thick_truth_hu, box, atol=1e-3)
+
+
+def test_a_softer_kernel_blurs_the_thick_series_in_plane_only():
+    sharp = make_case(1, SMALL, SEED, ape=False)
+    soft = make_case(1, dataclasses.replace(SMALL, thick_inplane_blur_mm=3.0), SEED, ape=False)
+    np.testing.assert_array_equal(soft.truth_hu, sharp.truth_hu)
+    gradient = [np.abs(np.diff(c.thick_truth_hu, axis=2)).mean() for c in (sharp, soft)]
+    assert gradient[1] < 0.8 * gradient[0]
+    assert soft.thick_truth_hu.mean() == pytest.approx(sharp.thick_truth_hu.mean(), abs=2.0)
 
 
 def test_thin_series_has_z_detail_that_the_thick_one_loses():
@@ -296,12 +319,13 @@ def test_default_crop_shows_hilar_arteries_lung_and_mediastinum(number):
 def test_both_hila_are_chosen_and_the_crop_can_be_placed():
     views = {make_case(n, SMALL, SEED, ape=False).view for n in range(1, 7)}
     assert views == {"left hilum", "right hilum"}
-    body = make_case(1, dataclasses.replace(SMALL, centre="body"), SEED, ape=False)
-    shifted = make_case(1, dataclasses.replace(SMALL, centre=(30.0, -20.0)), SEED, ape=False)
+    body = make_case(1, with_crop(SMALL, centre="body"), SEED, ape=False)
+    shifted = make_case(1, with_crop(SMALL, centre=(30.0, -20.0)), SEED, ape=False)
     assert body.view == "body" and shifted.view == "30, -20 mm from body"
     assert np.subtract(shifted.crop_centre_mm, body.crop_centre_mm) == pytest.approx((30.0, -20.0, 0.0), abs=0.02)
     assert body.truth_hu.shape == shifted.truth_hu.shape == SMALL.shape
-    assert merged_params({"data": {"phantom": {"centre": [30, -20]}}}).data.phantom.centre == (30.0, -20.0)
+    assert merged_params({"data": {"phantom": {"families": {"hilum": {"centre": [30, -20]}}}}}).data.phantom.centre \
+        == (30.0, -20.0)
 
 
 @pytest.mark.parametrize("number", sorted(ape_case_numbers(phantom_params(), SEED))[:2])
@@ -333,10 +357,10 @@ def test_bad_crop_and_spacing_values_name_the_key():
     with pytest.raises(ParamsError, match="data.phantom.thick_spacing_mm"):
         merged_params({"data": {"phantom": {"thick_spacing_mm": 1.5}}})
     for centre in ("lung", (1.0, 2.0, 3.0), (float("nan"), 0.0)):
-        with pytest.raises(ParamsError, match="data.phantom.centre"):
+        with pytest.raises(ParamsError, match=r"data.phantom.families.\*.centre"):
             phantom_params(centre=centre)
-    with pytest.raises(ParamsError, match="data.phantom.centre"):
-        merged_params({"data": {"phantom": {"centre": "lung"}}})
+    with pytest.raises(ParamsError, match=r"data.phantom.families.periphery.centre"):
+        merged_params({"data": {"phantom": {"families": {"periphery": {"centre": "lung"}}}}})
     with pytest.raises(ParamsError, match="data.phantom.body_mm"):
         phantom_params(body_mm=0.0)
 
@@ -345,7 +369,8 @@ def test_bad_crop_and_spacing_values_name_the_key():
 def test_thick_slabs_overlap_or_leave_gaps_as_spaced(spacing, starts):
     """24 thin slices, 5 mm slabs: 2 mm spacing overlaps (10 slabs), 7 mm leaves 2 mm gaps (3 slabs,
     centred), 5 mm (= the default 0) is contiguous."""
-    p = dataclasses.replace(SMALL, thick_spacing_mm=spacing)
+    # The box profiles of the old physics make the slab arithmetic exact (the default profiles: test above).
+    p = dataclasses.replace(SMALL, thick_spacing_mm=spacing, z_subsamples=1, thin_blur_mm=0.0, thick_blur_mm=0.0)
     case = make_case(1, p, SEED, ape=False)
     n = 5
     assert case.slab_slices == n and case.slab_step == round(spacing)
@@ -364,7 +389,7 @@ def test_thick_slabs_overlap_or_leave_gaps_as_spaced(spacing, starts):
     residual = case.thick_hu - case.thick_truth_hu
     assert residual.std() == pytest.approx(p.noise_hu / math.sqrt(n), rel=0.1)
     if spacing == 5.0:
-        contiguous = make_case(1, SMALL, SEED, ape=False)
+        contiguous = make_case(1, dataclasses.replace(p, thick_spacing_mm=0.0), SEED, ape=False)
         np.testing.assert_array_equal(case.thick_hu, contiguous.thick_hu)
 
 

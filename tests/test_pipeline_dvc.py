@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 
 TINY_DATA = {
     "data.phantom.n_cases": 5,
-    "data.phantom.shape": [30, 32, 32],
-    "data.phantom.pixel_mm": 8.0,
+    "data.phantom.families.hilum.shape": [30, 32, 32],
+    "data.phantom.families.hilum.pixel_mm": 8.0,
     "preprocess.workers": 2,
     "preprocess.min_cases": 3,
 }

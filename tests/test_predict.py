@@ -43,8 +43,9 @@ def workspace_params():
     # train_seed unlike seed: predict draws with train_seed, as evaluate does (a test would not see it if both were 0)
     return with_overrides(tiny_params(epochs=1, vae_freeze_epochs=1), {
         "seed": 0, "train_seed": 5, "device": "cpu",
-        "data.phantom.n_cases": 5, "data.phantom.shape": [30, 32, 32], "data.phantom.pixel_mm": 8.0,
-        "data.phantom.centre": "body", "preprocess.workers": 1, "preprocess.min_cases": 3,
+        "data.phantom.n_cases": 5, "data.phantom.families.hilum.shape": [30, 32, 32],
+        "data.phantom.families.hilum.pixel_mm": 8.0, "data.phantom.families.hilum.centre": "body",
+        "preprocess.workers": 1, "preprocess.min_cases": 3,
         "train.sampling.steps": 2, "train.sampling.samples": 2, "evaluate.bspline_baseline": False})
 
 

@@ -40,27 +40,58 @@ SHARED = ("seed", "train_seed", "device", "hu_range")
 
 # ---------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True, kw_only=True)
-class PhantomParams:
-    n_cases: int
-    ape_fraction: float
+class CropParams:
+    """Where a phantom family's image is cut from the chest, and at what resolution (``data.phantom.families.*``)."""
+
     shape: tuple[int, int, int]  # thin series [slices, rows, cols]
     pixel_mm: float
+    centre: Literal["hilum", "periphery", "body"] | tuple[float, float]  # in-plane; [x, y] = mm from the body centre
+
+    def __post_init__(self) -> None:
+        key = "data.phantom.families"
+        _require(all(s >= 4 for s in self.shape), f"{key}.*.shape", "every size must be >= 4")
+        _require(self.pixel_mm > 0, f"{key}.*.pixel_mm", "must be > 0")
+        if isinstance(self.centre, str):
+            _require(self.centre in ("hilum", "periphery", "body"), f"{key}.*.centre",
+                     f"must be hilum, periphery, body or [x, y] mm from the body centre, got {self.centre!r}")
+        else:
+            ok = isinstance(self.centre, (tuple, list)) and len(self.centre) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.centre)
+            _require(ok, f"{key}.*.centre", f"must be hilum, periphery, body or [x, y] mm from the body centre, "
+                     f"got {self.centre!r}")
+            object.__setattr__(self, "centre", tuple(float(v) for v in self.centre))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamiliesParams:
+    hilum: CropParams  # the pulmonary hila: arteries and their oblique branches, bronchi, mediastinum, emboli
+    periphery: CropParams  # the lung periphery: small vessels in lung, pleura, ribs and chest wall
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhantomParams:
+    family: Literal["hilum", "periphery"]  # which crop of families
+    families: FamiliesParams
+    n_cases: int
+    ape_fraction: float
     thin_mm: float
     thick_mm: float
     thick_spacing_mm: float  # thick series slice spacing; 0 = thick_mm (contiguous slabs)
     noise_hu: float
     body_mm: float  # chest width the anatomy is sized for (independent of the image)
-    centre: Literal["hilum", "body"] | tuple[float, float]  # in-plane crop centre; [x, y] = mm from body
+    z_subsamples: int  # the field is sampled every thin_mm / z_subsamples along z; each series integrates it
+    thin_blur_mm: float  # thin SSP: a thin_mm box blurred by a Gaussian of this FWHM (0: the box)
+    thick_blur_mm: float  # thick SSP: a thick_mm box blurred by a Gaussian of this FWHM: bell-shaped
+    thick_inplane_blur_mm: float  # thick series only: in-plane Gaussian blur of this FWHM (a softer kernel); 0 = none
 
     def __post_init__(self) -> None:
         _require(self.n_cases >= 1, "data.phantom.n_cases", "must be >= 1")
         _require(0.0 <= self.ape_fraction <= 1.0, "data.phantom.ape_fraction", "must be in [0, 1]")
-        _require(all(s >= 4 for s in self.shape), "data.phantom.shape", "every size must be >= 4")
-        _require(self.pixel_mm > 0 and self.thin_mm > 0, "data.phantom", "spacings must be > 0")
+        _require(self.thin_mm > 0, "data.phantom.thin_mm", "must be > 0")
         _require(self.thick_mm >= self.thin_mm, "data.phantom.thick_mm", "must be >= thin_mm")
         ratio = self.thick_mm / self.thin_mm
         _require(abs(ratio - round(ratio)) < 1e-6, "data.phantom.thick_mm",
-                 f"must be a whole multiple of thin_mm (a thick slice averages whole thin slices), got {ratio:g}x")
+                 f"must be a whole multiple of thin_mm (a thick slab spans whole thin slices), got {ratio:g}x")
         step = self.thick_spacing_mm / self.thin_mm
         _require(self.thick_spacing_mm == 0 or (step >= 1 - 1e-6 and abs(step - round(step)) < 1e-6),
                  "data.phantom.thick_spacing_mm",
@@ -68,15 +99,26 @@ class PhantomParams:
                  f"got {self.thick_spacing_mm:g} mm = {step:g}x thin_mm")
         _require(self.noise_hu >= 0, "data.phantom.noise_hu", "must be >= 0")
         _require(self.body_mm > 0, "data.phantom.body_mm", "must be > 0")
-        if isinstance(self.centre, str):
-            _require(self.centre in ("hilum", "body"), "data.phantom.centre",
-                     f"must be hilum, body or [x, y] mm from the body centre, got {self.centre!r}")
-        else:
-            ok = isinstance(self.centre, (tuple, list)) and len(self.centre) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.centre)
-            _require(ok, "data.phantom.centre", f"must be hilum, body or [x, y] mm from the body centre, "
-                     f"got {self.centre!r}")
-            object.__setattr__(self, "centre", tuple(float(v) for v in self.centre))
+        _require(self.z_subsamples >= 1, "data.phantom.z_subsamples", "must be >= 1")
+        _require(min(self.thin_blur_mm, self.thick_blur_mm, self.thick_inplane_blur_mm) >= 0, "data.phantom",
+                 "thin_blur_mm, thick_blur_mm and thick_inplane_blur_mm must be >= 0")
+
+    @property
+    def crop(self) -> CropParams:
+        """The selected family's crop."""
+        return getattr(self.families, self.family)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.crop.shape
+
+    @property
+    def pixel_mm(self) -> float:
+        return self.crop.pixel_mm
+
+    @property
+    def centre(self) -> str | tuple[float, float]:
+        return self.crop.centre
 
     @property
     def thick_step_mm(self) -> float:

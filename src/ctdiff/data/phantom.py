@@ -17,25 +17,37 @@ centre sits within a few mm of x = y = 0, the pulmonary bifurcation at a table h
 ``origin + (i*sx, j*sy, k*sz)``. Both series share one StudyInstanceUID and one FrameOfReferenceUID; UIDs
 are derived from (seed, case) so reruns name the same study.
 
-Sampling, per case: the image is a crop of that chest.
+Sampling, per case: the image is a crop of that chest, chosen by the family (``data.phantom.family``: its
+``shape``, ``pixel_mm`` and ``centre``).
 
 - **crop**: ``W x H`` pixels of ``pixel_mm`` centred in-plane on ``centre``: ``hilum`` (one of the two
   hila, drawn per case, jittered N(0, 3 mm) per axis, clipped to 6 mm: the hilar pulmonary arteries and
-  their oblique branches, lung and mediastinum are in view), ``body`` (the body centre; a crop wider than
-  the body is the whole chest) or ``[x, y]`` mm from the body centre. In z the ``D`` thin slices are centred
-  on that hilum's z (both hila's mean for ``body`` and ``[x, y]``) +- 6 mm, slice 0 on a 0.5 mm step.
-- **thin series** (series 2): ``shape = (D, H, W)``, pixel ``pixel_mm``, slice spacing = thickness =
+  their oblique branches, lung and mediastinum are in view), ``periphery`` (a point of one lung, drawn per
+  case, 55-80 % of the way from its centre to its lateral border and up to 40 % of its depth off its
+  centre, 0-30 mm above or below the hilum: small vessels in aerated lung, pleura, ribs and chest wall),
+  ``body`` (the body centre; a crop wider than the body is the whole chest) or ``[x, y]`` mm from the body
+  centre. In z the ``D`` thin slices are centred on that hilum's z (both hila's mean for ``body`` and
+  ``[x, y]``; the drawn height for ``periphery``) +- 6 mm, slice 0 on a 0.5 mm step.
+- **the field along z**: both series integrate one field sampled every ``thin_mm / z_subsamples`` (from
+  beyond the first to beyond the last thin slice, as far as the widest profile reaches), each with its own
+  slice sensitivity profile: a box of its nominal thickness blurred by a Gaussian (``thin_blur_mm``,
+  ``thick_blur_mm`` FWHM: the scanner's reconstruction filter along z). With the defaults the thick profile
+  is bell-shaped, as a real 5 mm reconstruction measures (:mod:`ctdiff.data.slab`), so the thick series is
+  not the box average of the thin one and neither is a weighted sum of the other's slices: the slab stage
+  has something to measure, and an assumed profile is visibly wrong.
+- **thin series** (series 2): ``shape = (D, H, W)``, pixel ``pixel_mm``, slice spacing = nominal thickness =
   ``thin_mm``. Each voxel is the in-plane pixel average (2x2 sub-samples, i.e. partial volume) of the
-  field at the slice's z, with tissue edges softened over ``EDGE_MM`` (the scanner's point spread).
-  ``truth_hu`` is this noise-free field; ``thin_hu = truth_hu + N(0, noise_hu)``.
-- **thick series** (series 1): slab ``j`` averages ``n = thick_mm / thin_mm`` consecutive noise-free thin
-  slices ``k0 + j*m .. k0 + j*m + n - 1`` and sits at their mean z; slab starts advance by
+  field, integrated along z with the thin profile; tissue edges are softened over ``EDGE_MM`` (the
+  scanner's point spread). ``truth_hu`` is this noise-free volume; ``thin_hu = truth_hu + N(0, noise_hu)``.
+  The labels are the tissue at each thin slice's centre.
+- **thick series** (series 1): slab ``j`` is centred on thin slices ``k0 + j*m .. k0 + j*m + n - 1``
+  (``n = thick_mm / thin_mm``) and integrates the field with the thick profile; slab starts advance by
   ``m = thick_spacing_mm / thin_mm`` thin slices (``thick_spacing_mm`` 0: ``m = n``, contiguous slabs;
   ``m < n`` overlapping slabs, ``m > n`` gaps). ``(D - n) // m + 1`` slabs fit, centred in the thin
   extent (the left-over thin slices split between the two ends). SliceThickness = ``thick_mm``, spacing =
-  ``m * thin_mm``. Noise: a thin-level N(0, noise_hu) field of its own, slab-averaged like the truth
-  (``noise_hu / sqrt(n)`` per slice, shared by overlapping slabs as on a scanner, independent of the thin
-  series' noise).
+  ``m * thin_mm``; optionally blurred in-plane (``thick_inplane_blur_mm``: a softer kernel). Noise: a
+  thin-level N(0, noise_hu) field of its own weighted by the thick profile (about ``noise_hu / sqrt(n)``
+  per slice, shared by overlapping slabs as on a scanner, independent of the thin series' noise).
 - **emboli** (APE cases): 1-3, each in an artery that passes through the crop and is wide enough to show
   (radius >= max(0.6 pixel, 2 mm * s)), centred inside the crop (failing that, in a crop only a few slices
   deep, within the artery's radius of it) and covering at least one voxel.
@@ -55,12 +67,14 @@ from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from ctdiff.data.dicom_write import IDENTITY_DIRECTION, SeriesSpec, encode_series
 from ctdiff.data.grid import Grid
 from ctdiff.data.labels import write_case_labels, write_classes
+from ctdiff.data.slab import blurred_box_mass
 from ctdiff.io import atomic_path
 from ctdiff.params import PhantomParams
 
@@ -70,7 +84,7 @@ THICK_SERIES, THIN_SERIES = "1", "2"  # folder names inside each case, as in APE
 EDGE_MM = 1.0  # width of the soft tissue boundaries (about a CT scanner's point spread)
 SUBSAMPLES = 2  # in-plane sub-samples per pixel and axis (partial volume)
 REFERENCE_BODY_MM = 320.0  # anatomy below is sized for a chest this wide, then scaled to body_mm
-_Z_CHUNK = 16  # thin slices rendered at once: bounds memory for large phantoms
+_Z_CHUNK = 16  # field samples along z rendered at once: bounds memory for large phantoms
 _STREAM = 0x5EED_C7  # keeps phantom random streams apart from other users of the same seed
 _ZIP_TIME = (2024, 1, 1, 0, 0, 0)  # fixed member timestamps: zip bytes depend only on content
 
@@ -129,20 +143,20 @@ class PhantomCase:
     category: str  # "APE" or "non-APE"
     truth_hu: np.ndarray  # (D, H, W) float32, noise-free thin field
     thin_hu: np.ndarray  # (D, H, W) float32, truth + noise: series 2
-    thick_truth_hu: np.ndarray  # (S, H, W) float32, noise-free slab averages (S slabs, see slab_starts)
-    thick_hu: np.ndarray  # (S, H, W) float32, slab averages + slab-averaged noise: series 1
+    thick_truth_hu: np.ndarray  # (S, H, W) float32, the noise-free thick slices (S slabs, see slab_starts)
+    thick_hu: np.ndarray  # (S, H, W) float32, thick slices + their noise: series 1
     labels: np.ndarray  # (D, H, W) uint8, Tissue covering most of each thin voxel
     thin_origin_mm: tuple[float, float, float]
     thick_origin_mm: tuple[float, float, float]
     thin_spacing_mm: tuple[float, float, float]
     thick_spacing_mm: tuple[float, float, float]  # sz = distance between thick slices (slab_step thin slices)
     thick_thickness_mm: float  # SliceThickness of series 1: slab_slices * thin_mm
-    slab_slices: int  # n: thin slices averaged into each thick slab
+    slab_slices: int  # n: thin slices each thick slab is centred on (its nominal thickness / thin_mm)
     slab_step: int  # m: thin slices from one slab's start to the next (< n overlap, > n gaps)
-    slab_start: int  # k0: first thin slice of the first slab; slab j averages k0 + j*m .. k0 + j*m + n - 1
+    slab_start: int  # k0: first thin slice of the first slab; slab j is centred on k0 + j*m .. k0 + j*m + n - 1
     n_emboli: int
     crop_centre_mm: tuple[float, float, float]  # (x, y, z) of the image centre, LPS
-    view: str  # what the crop is centred on: "left hilum", "right hilum", "body" or "x, y mm from body"
+    view: str  # what the crop is centred on: "left hilum", "right lung periphery", "body", "x, y mm from body"
     direction: tuple[float, ...] = IDENTITY_DIRECTION
     uids: dict[str, str] = field(default_factory=dict)  # study, frame_of_reference, series_1, series_2
 
@@ -171,32 +185,32 @@ def make_case(number: int, p: PhantomParams, seed: int, ape: bool) -> PhantomCas
     n, m = slab_slices(p), slab_step(p)
     depth, rows, cols = p.shape
     if depth < n:
-        raise ValueError(f"data.phantom.shape: {depth} thin slices cannot hold one {p.thick_mm} mm slab")
-    streams = np.random.SeedSequence([_STREAM, _seed_word(seed), number]).spawn(4)
-    grid_rng, anatomy_rng, emboli_rng, noise_rng = (np.random.default_rng(ss) for ss in streams)
+        raise ValueError(f"data.phantom.families.{p.family}.shape: {depth} thin slices cannot hold one {p.thick_mm} mm "
+                         "slab")
+    # Streams 0-3 as they always were; 4 (the periphery's placement) was added later: spawn(n) keeps the first ones.
+    streams = np.random.SeedSequence([_STREAM, _seed_word(seed), number]).spawn(5)
+    grid_rng, anatomy_rng, emboli_rng, noise_rng, place_rng = (np.random.default_rng(ss) for ss in streams)
     anatomy = _sample_anatomy(p.body_mm / REFERENCE_BODY_MM, anatomy_rng)
-    grid = _Grid.for_params(p, anatomy, grid_rng)
+    grid = _Grid.for_params(p, anatomy, grid_rng, place_rng)
     if ape:
         anatomy.emboli = _sample_emboli(anatomy, grid, emboli_rng, case_id_for(number))
-
-    truth = np.empty((depth, rows, cols), np.float32)
-    labels = np.empty((depth, rows, cols), np.uint8)
-    for k0 in range(0, depth, _Z_CHUNK):
-        k1 = min(depth, k0 + _Z_CHUNK)
-        truth[k0:k1], labels[k0:k1] = _render(anatomy, grid, k0, k1)
-    if ape and not (labels == Tissue.EMBOLUS).any():  # _sample_emboli checked each one; a bug if hit
-        raise RuntimeError(f"{case_id_for(number)}: emboli were placed but none covers a voxel")
 
     n_slabs = (depth - n) // m + 1
     k_start = (depth - (n_slabs - 1) * m - n) // 2
     starts = k_start + m * np.arange(n_slabs)
-
-    def slabs(field_hu: np.ndarray) -> np.ndarray:
-        return np.stack([field_hu[k : k + n].mean(axis=0, dtype=np.float64) for k in starts]).astype(np.float32)
+    slab_centres = (starts + (n - 1) / 2.0) * p.thin_mm  # mm from thin slice 0
+    truth, thick_truth, labels = _integrate(anatomy, grid, p, slab_centres)
+    if ape and not (labels == Tissue.EMBOLUS).any():  # _sample_emboli checked each one; a bug if hit
+        raise RuntimeError(f"{case_id_for(number)}: emboli were placed but none covers a voxel")
+    if p.thick_inplane_blur_mm > 0:
+        thick_truth = _blur_inplane(thick_truth, p.thick_inplane_blur_mm, p.pixel_mm)
 
     thin = truth + noise_rng.normal(0.0, p.noise_hu, truth.shape).astype(np.float32)
-    thick_truth = slabs(truth)
-    thick = thick_truth + slabs(noise_rng.normal(0.0, p.noise_hu, truth.shape).astype(np.float32))
+    # The thick series' own noise: a thin-level field weighted by the thick profile's share of each thin slice.
+    noise_weights = thick_profile_masses(p, np.arange(depth) * p.thin_mm, p.thin_mm, slab_centres)
+    noise_weights /= noise_weights.sum(axis=1, keepdims=True)
+    thick_noise = np.tensordot(noise_weights, noise_rng.normal(0.0, p.noise_hu, truth.shape), axes=(1, 0))
+    thick = thick_truth + thick_noise.astype(np.float32)
 
     x0, y0, z0 = grid.origin_mm
     thick_z0 = z0 + (k_start + (n - 1) / 2.0) * p.thin_mm  # mean z of the slab's thin slices
@@ -224,6 +238,62 @@ def make_case(number: int, p: PhantomParams, seed: int, ape: bool) -> PhantomCas
         view=grid.view,
         uids=uids,
     )
+
+
+def thick_profile_masses(p: PhantomParams, z_mm: np.ndarray, extent_mm: float, centres_mm: np.ndarray) -> np.ndarray:
+    """(S, N) mass of each thick slab's profile (centred at ``centres_mm``) over cells of ``extent_mm`` at ``z_mm``."""
+    offsets = np.asarray(z_mm, np.float64)[None, :] - np.asarray(centres_mm, np.float64)[:, None]
+    return blurred_box_mass(offsets - extent_mm / 2, offsets + extent_mm / 2, p.thick_mm, p.thick_blur_mm)
+
+
+def _integrate(anatomy: _Anatomy, grid: _Grid, p: PhantomParams, slab_centres_mm: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(truth (D, H, W), thick truth (S, H, W), labels (D, H, W)): the field sampled every ``thin_mm /
+    z_subsamples`` along z, integrated with the thin profile at each thin slice and with the thick profile at
+    each slab centre (mm from thin slice 0), chunk by chunk so memory stays bounded."""
+    q, thin_mm = p.z_subsamples, p.thin_mm
+    depth = len(grid.z)
+    step = thin_mm / q
+    # How far each profile reaches from its centre (3 sigma of its blur beyond its box), mm.
+    thin_reach, thick_reach = thin_mm / 2 + 3 * p.thin_blur_mm, p.thick_mm / 2 + 3 * p.thick_blur_mm
+    before_mm = max(thin_reach, thick_reach - float(slab_centres_mm.min()))
+    after_mm = max(thin_reach, float(slab_centres_mm.max()) + thick_reach - (depth - 1) * thin_mm)
+    before, after = int(math.ceil(before_mm / step)) + 1, int(math.ceil(after_mm / step)) + 1
+    index = np.arange(-before, (depth - 1) * q + after + 1)  # field samples, in steps from thin slice 0
+    z_mm = index * step
+    thin_w = blurred_box_mass(z_mm[None, :] - step / 2 - np.arange(depth)[:, None] * thin_mm,
+                              z_mm[None, :] + step / 2 - np.arange(depth)[:, None] * thin_mm, thin_mm, p.thin_blur_mm)
+    thick_w = thick_profile_masses(p, z_mm, step, slab_centres_mm)
+    thin_w /= thin_w.sum(axis=1, keepdims=True)  # the samples cover each profile (up to its far tails)
+    thick_w /= thick_w.sum(axis=1, keepdims=True)
+    fine = _Grid(z=(grid.z[0] + z_mm).astype(np.float32), y=grid.y, x=grid.x, pixel_mm=grid.pixel_mm, thin_mm=step,
+                 origin_mm=(grid.origin_mm[0], grid.origin_mm[1], float(grid.z[0] + z_mm[0])),
+                 centre_mm=grid.centre_mm, view=grid.view)
+    rows, cols = len(grid.y) // SUBSAMPLES, len(grid.x) // SUBSAMPLES
+    truth = np.zeros((depth, rows, cols), np.float32)
+    thick = np.zeros((len(slab_centres_mm), rows, cols), np.float32)
+    labels = np.empty((depth, rows, cols), np.uint8)
+    for c0 in range(0, len(z_mm), _Z_CHUNK):
+        c1 = min(len(z_mm), c0 + _Z_CHUNK)
+        field, tissue = _render(anatomy, fine, c0, c1)
+        for weights, out in ((thin_w, truth), (thick_w, thick)):
+            used = np.flatnonzero(weights[:, c0:c1].any(axis=1))
+            if used.size:
+                lo, hi = used[0], used[-1] + 1
+                out[lo:hi] += np.tensordot(weights[lo:hi, c0:c1], field, axes=(1, 0)).astype(np.float32)
+        centres = index[c0:c1] % q == 0
+        k = index[c0:c1][centres] // q
+        inside = (k >= 0) & (k < depth)
+        labels[k[inside]] = tissue[np.flatnonzero(centres)[inside]]
+    return truth, thick, labels
+
+
+def _blur_inplane(volume: np.ndarray, fwhm_mm: float, pixel_mm: float) -> np.ndarray:
+    """(N, H, W) blurred in-plane by a Gaussian of ``fwhm_mm`` (SimpleITK), float32."""
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing((pixel_mm, pixel_mm, 1.0))
+    variance = (fwhm_mm / (2.0 * math.sqrt(2.0 * math.log(2.0)))) ** 2
+    return sitk.GetArrayFromImage(sitk.DiscreteGaussian(image, [variance, variance, 0.0], 32, 0.01, True))
 
 
 def slab_slices(p: PhantomParams) -> int:
@@ -331,8 +401,10 @@ class _Grid:
     view: str
 
     @staticmethod
-    def for_params(p: PhantomParams, anatomy: _Anatomy, rng: np.random.Generator) -> _Grid:
-        """The crop: centred on ``p.centre`` in-plane and near the hila in z (see the module docstring)."""
+    def for_params(p: PhantomParams, anatomy: _Anatomy, rng: np.random.Generator, place_rng: np.random.Generator
+                   ) -> _Grid:
+        """The crop: centred on ``p.centre`` in-plane and near the hila in z (see the module docstring).
+        ``place_rng`` draws the periphery's point (a stream of its own: the other modes stay as they were)."""
         depth, rows, cols = p.shape
         # Every draw is made whatever the mode, so the modes share the z placement.
         side = (-1.0, 1.0)[int(rng.integers(2))]
@@ -345,6 +417,14 @@ class _Grid:
             view = f"{'left' if side > 0 else 'right'} hilum"  # +x = patient left
             x_c, y_c = float(hilum[0] + jitter[0]), float(hilum[1] + jitter[1])
             z_c = float(hilum[2])
+        elif p.centre == "periphery":
+            # A point of the lung on that side between its centre and its lateral border, off its centre in
+            # depth, above or below the hilum: aerated lung with small vessels, pleura, ribs, chest wall.
+            lung_x, lung_y, ax, ay = anatomy.lungs[0 if side < 0 else 1]
+            out, across = place_rng.uniform(0.55, 0.8), place_rng.uniform(-0.4, 0.4)
+            x_c, y_c = float(lung_x + side * out * ax), float(lung_y + across * ay)
+            z_c = float(hilum[2] + place_rng.choice([-1.0, 1.0]) * place_rng.uniform(0.0, 30.0))
+            view = f"{'left' if side > 0 else 'right'} lung periphery"
         elif p.centre == "body":
             view, x_c, y_c = "body", cx, cy
         else:
@@ -619,8 +699,8 @@ def _sample_emboli(anatomy: _Anatomy, grid: _Grid, rng: np.random.Generator, lab
             break
     if not emboli:
         raise ValueError(f"{label}: no artery in the crop ({grid.view}) is wide enough to show an embolus at "
-                         f"data.phantom.pixel_mm={grid.pixel_mm:g}; use a finer pixel, a larger shape or "
-                         "data.phantom.centre=hilum")
+                         f"{grid.pixel_mm:g} mm pixels; give the family (data.phantom.families) a finer pixel_mm, a "
+                         "larger shape or the hilum centre")
     return emboli
 
 

@@ -310,6 +310,26 @@ def _gaussian_cdf(u: np.ndarray) -> np.ndarray:
 _erf = np.vectorize(math.erf, otypes=[np.float64])  # S x D values: no need for scipy
 
 
+def blurred_box_mass(lo_mm: np.ndarray, hi_mm: np.ndarray, width_mm: float, blur_fwhm_mm: float) -> np.ndarray:
+    """Mass over ``[lo, hi]`` (mm from the centre) of a box ``width_mm`` wide blurred by a Gaussian of FWHM
+    ``blur_fwhm_mm`` (0: the box): the slice profile of a scanner whose slab integration is followed by a
+    reconstruction filter along z. Closed form: the box-Gaussian convolution's CDF is
+    ``(G(u + w/2) - G(u - w/2)) / w`` with ``G(t) = sigma (x Phi(x) + phi(x))``, ``x = t / sigma``."""
+    sigma = blur_fwhm_mm * _FWHM_TO_SIGMA
+    half = width_mm / 2.0
+
+    def ramp(t: np.ndarray) -> np.ndarray:  # integral of the blurred step: G above
+        if sigma == 0:
+            return np.maximum(t, 0.0)
+        x = t / sigma
+        return sigma * (x * 0.5 * (1.0 + _erf(x / math.sqrt(2.0))) + np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi))
+
+    def cdf(u: np.ndarray) -> np.ndarray:
+        return (ramp(u + half) - ramp(u - half)) / width_mm
+
+    return cdf(np.asarray(hi_mm, np.float64)) - cdf(np.asarray(lo_mm, np.float64))
+
+
 _CDFS = {"box": _box_cdf, "triangle": _triangle_cdf, "gaussian": _gaussian_cdf}
 
 
