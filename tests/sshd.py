@@ -91,6 +91,13 @@ class SshServer:
         return config
 
     def start(self) -> SshServer:
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> SshServer:
         if os.geteuid() == 0:
             # sshd's privilege-separation folder; the package's service unit makes it, `sshd -D` does not.
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -108,6 +115,7 @@ class SshServer:
                 self.port = port
                 host_key = (self.root / "host_key.pub").read_text().split()
                 self.known_hosts.write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+                self._check_login()
                 return self
             errors.append(f"port {port}: {self.log.read_text().strip()[-400:]}")
         raise RuntimeError("sshd did not start:\n" + "\n".join(errors))
@@ -127,6 +135,23 @@ class SshServer:
         self.stop()
         raise RuntimeError(f"sshd on port {port} did not answer within {READY_TIMEOUT_S:.0f} s:\n"
                            f"{self.log.read_text()[-1000:]}")
+
+    def _check_login(self) -> None:
+        """One SFTP session with OpenSSH's own client, so a refused login is reported here, with sshd's
+        reason (e.g. a locked account: without PAM sshd refuses one even for a key), not inside DVC."""
+        sftp = shutil.which("sftp")
+        if sftp is None:
+            return
+        batch = self.root / "sftp-batch"
+        batch.write_text("pwd\n")
+        check = subprocess.run([sftp, "-b", str(batch), "-i", str(self.client_key), "-P", str(self.port),
+                                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "BatchMode=yes",
+                                "-o", "IdentitiesOnly=yes", f"{self.user}@127.0.0.1"],
+                               capture_output=True, text=True, timeout=60)
+        if check.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"sshd on port {self.port} refused {self.user}: {check.stderr.strip()}\n"
+                               f"sshd: {self.log.read_text()[-1000:]}")
 
     def storage(self, name: str) -> Path:
         """A folder under the server's root for a remote, owned by the login user."""
