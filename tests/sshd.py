@@ -40,8 +40,9 @@ class SshServer:
     """``sshd -D`` on 127.0.0.1; ``url(path)`` is a DVC ``ssh://`` remote URL for a folder it serves.
 
     ``root`` is a world-traversable temporary folder: the host key, the client key (``client_key``, what
-    ``dvc remote modify --local <name> keyfile`` points at), ``known_hosts`` for the client (the host key
-    is checked, not skipped) and the folders the remotes live in (``storage(name)``).
+    ``dvc remote modify --local <name> keyfile`` points at), ``known_hosts`` for OpenSSH's client (the
+    login check; DVC's ssh remote checks no host key) and the folders the remotes live in
+    (``storage(name)``).
     """
 
     def __init__(self) -> None:
