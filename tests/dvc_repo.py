@@ -18,8 +18,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("dvc.yaml", "params.yaml", "stages", "src")
 
 
+def repo_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment every command in a test repository runs with (``extra`` on top)."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(root / "src"),
+        "GIT_AUTHOR_NAME": "ctdiff tests", "GIT_AUTHOR_EMAIL": "tests@ctdiff.invalid",
+        "GIT_COMMITTER_NAME": "ctdiff tests", "GIT_COMMITTER_EMAIL": "tests@ctdiff.invalid",
+        "HF_HUB_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        **(extra or {}),
+    }
+
+
 class DvcRepo:
-    def __init__(self, root: Path, param_overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: Path, param_overrides: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         for name in COPIED:
             src = REPO_ROOT / name
@@ -29,19 +43,26 @@ class DvcRepo:
                 shutil.copy2(src, root / name)
         if param_overrides:
             self.set_params(param_overrides)
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(root / "src"),
-            "GIT_AUTHOR_NAME": "ctdiff tests", "GIT_AUTHOR_EMAIL": "tests@ctdiff.invalid",
-            "GIT_COMMITTER_NAME": "ctdiff tests", "GIT_COMMITTER_EMAIL": "tests@ctdiff.invalid",
-            "HF_HUB_OFFLINE": "1",
-            "DVC_NO_ANALYTICS": "1",
-        }
+        self.env = repo_env(root, env)
         self.run("git", "init", "-q", "-b", "main")
         self.run("dvc", "init", "-q")
         self.run("dvc", "config", "core.analytics", "false")
         (root / ".gitignore").write_text("__pycache__/\n")
         self.commit("initial pipeline")
+
+    @classmethod
+    def clone(cls, url: str | Path, root: Path, env: dict[str, str] | None = None) -> DvcRepo:
+        """``git clone url root`` of a repository holding this pipeline: what a second machine starts from.
+
+        Nothing is copied or initialised; the clone runs its own ``src`` as the original does.
+        """
+        repo = cls.__new__(cls)
+        repo.root = root
+        repo.env = repo_env(root, env)
+        proc = subprocess.run(["git", "clone", "-q", str(url), str(root)], env=repo.env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"git clone {url} failed ({proc.returncode}):\n{proc.stderr}")
+        return repo
 
     def set_params(self, overrides: dict[str, Any]) -> None:
         """Apply dotted-key overrides (``{"data.phantom.n_cases": 4}``) to params.yaml."""
