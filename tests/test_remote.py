@@ -31,15 +31,16 @@ from sshd import SshServer, find_sshd, free_port
 from ctdiff.cli import main as cli_main
 
 slow = pytest.mark.slow  # everything but the check of this repository's own .dvc/config
-STAGES = ("fetch_data", "preprocess", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference", "evaluate")
+STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
+          "evaluate")
 # What another machine pulls: every stage's outputs but fetch_data's (data/raw is `push: false`).
-PULL_ALL = ("preprocess", "fetch_weights", "vae_fit", "train", "sr_reference", "evaluate")
+PULL_ALL = ("preprocess", "slab", "fetch_weights", "vae_fit", "train", "sr_reference", "evaluate")
 # What a laptop pulls to look at a run and predict with its model (metrics and PNGs come with git).
 PULL_LAPTOP = ("fetch_weights", "vae_fit", "train", "evaluate")
 TINY = {
     "data.phantom.n_cases": 5,
-    "data.phantom.shape": [30, 32, 32],
-    "data.phantom.pixel_mm": 8.0,
+    "data.phantom.families.hilum.shape": [30, 32, 32],
+    "data.phantom.families.hilum.pixel_mm": 8.0,
     "preprocess.workers": 2,
     "vae.latent_channels": 2,
     "vae.scratch_epochs": 1,
@@ -60,10 +61,10 @@ TINY = {
     "sr_reference.patches_per_volume": 2,
     "sr_reference.channels": [4, 8],
     "sr_reference.strides": [2],
-    "evaluate.steps": 3,
-    "evaluate.samples": 1,
+    "train.sampling.steps": 3,
+    "train.sampling.samples": 1,
 }
-EXPERIMENT = "fewer-steps"  # evaluate.steps=2: reruns evaluate alone, so it is cheap to run and to push
+EXPERIMENT = "one-case"  # evaluate.max_cases=1: reruns evaluate alone, so it is cheap to run and to push
 
 
 def ran(output: str) -> set[str]:
@@ -175,7 +176,7 @@ def run(sshd, tmp_path_factory) -> Run:
     a.dvc("push", "-r", "shared")
     a.run("git", "push", "-q", "origin", "main")
 
-    a.dvc("exp", "run", "-n", EXPERIMENT, "-S", "evaluate.steps=2")
+    a.dvc("exp", "run", "-n", EXPERIMENT, "-S", "evaluate.max_cases=1")
     experiment_lock = (a.root / "dvc.lock").read_text()
     experiment_metrics = json.loads((a.root / "dvclive" / "evaluate" / "metrics.json").read_text())
     a.dvc("exp", "push", "origin", EXPERIMENT)                  # git refs + cache to the default remote
@@ -286,7 +287,7 @@ def test_a_laptop_pulls_the_model_and_predictions_only_and_predicts_the_same(run
 def test_a_second_machine_runs_an_experiment_without_the_raw_zips_and_shares_it_back(run, tmp_path):
     gpu2 = clone(run, tmp_path / "gpu2", "storage")
     gpu2.dvc("pull", *PULL_ALL)
-    out = gpu2.dvc("exp", "run", "--allow-missing", "-n", "on-gpu2", "-S", "evaluate.steps=4").stdout
+    out = gpu2.dvc("exp", "run", "--allow-missing", "-n", "on-gpu2", "-S", "evaluate.bspline_baseline=false").stdout
     assert ran(out) == {"evaluate"}, out  # fetch_data and preprocess skipped: the tensors are there
     gpu2.dvc("exp", "push", "origin", "on-gpu2")
     a = run.repo
