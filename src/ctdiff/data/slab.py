@@ -54,11 +54,13 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 class SliceProfile:
     """A slice sensitivity profile along the slice normal, in units of the slice thickness ``u = offset / T``.
 
-    Named shapes (``box``, ``triangle``, ``gaussian``) have FWHM 1. A ``fitted`` profile is piecewise linear:
-    ``taps[j]`` is the mass of a triangle (hat) of half-width ``step`` centred at ``u_j = (j - J) * step``
-    (``J = len(taps) // 2``), so the taps sum to 1 and ``taps / step`` is the density at the knots. Expressed in
-    thicknesses, one profile serves any thickness: a series thinner or thicker than the one it was fitted on
-    gets it scaled (``fitted_thickness_mm`` says which that was).
+    Named shapes (``box``, ``triangle``, ``gaussian``) have FWHM 1. A ``fitted`` profile is piecewise constant:
+    ``taps[j]`` is its mass on the cell ``step`` wide centred at ``u_j = (j - J) * step`` (``J = len(taps) // 2``),
+    so the taps sum to 1; with ``step`` the thin spacing over the thickness (as the slab stage fits it) a cell is
+    one thin slice and the taps are exactly the weights of the thin slices around a slab centred on one, which
+    is what a least-squares fit of thick slices on thin ones measures (any such weights, a box's included).
+    Expressed in thicknesses, one profile serves any thickness: a series thinner or thicker than the one it was
+    fitted on gets it scaled (``fitted_thickness_mm`` says which that was).
     """
 
     name: str
@@ -95,7 +97,7 @@ class SliceProfile:
         out = np.zeros(u.shape)
         for tap, knot in zip(self.taps, self.knots.tolist()):
             if tap:
-                out += tap * _triangle_cdf((u - knot) / self.step)
+                out += tap * _box_cdf((u - knot) / self.step)
         return out
 
     def density(self, u: np.ndarray, du: float = 1e-4) -> np.ndarray:
@@ -104,11 +106,12 @@ class SliceProfile:
         return (self.cdf(u + du / 2) - self.cdf(u - du / 2)) / du
 
     def fwhm(self) -> float:
-        """Full width at half maximum, in thicknesses (1 for the named shapes, by definition)."""
+        """Full width at half maximum, in thicknesses (1 for the named shapes, by definition); a fitted profile's
+        read off its taps joined by straight lines."""
         if self.name != "fitted":
             return 1.0
-        u = np.linspace(-self.support, self.support, 4001)
-        p = self.density(u)
+        u = np.linspace(self.knots[0], self.knots[-1], 4001)
+        p = np.interp(u, self.knots, self.taps)
         above = u[p >= p.max() / 2]
         return float(above[-1] - above[0])
 
@@ -116,13 +119,13 @@ class SliceProfile:
     def support(self) -> float:
         """Half-width of the profile's support, in thicknesses (the Gaussian's: 3 sigma)."""
         if self.name == "fitted":
-            return (len(self.taps) // 2 + 1) * self.step
+            return (len(self.taps) // 2 + 0.5) * self.step
         return {"box": 0.5, "triangle": 1.0, "gaussian": 3.0 * _FWHM_TO_SIGMA}[self.name]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         if self.name == "fitted":
-            out.update(taps=[round(t, 8) for t in self.taps], step=self.step,
+            out.update(taps=list(self.taps), step=self.step,
                        fitted_thickness_mm=self.fitted_thickness_mm, fwhm=round(self.fwhm(), 6), fit=self.fit)
         return out
 
@@ -130,9 +133,10 @@ class SliceProfile:
     def from_json(cls, obj: dict[str, Any]) -> SliceProfile:
         if obj["name"] != "fitted":
             return cls.named(obj["name"])
-        taps = np.asarray(obj["taps"], dtype=np.float64)
-        taps = np.clip(taps, 0.0, None)
-        return cls("fitted", tuple((taps / taps.sum()).tolist()), float(obj["step"]),
+        taps = np.clip(np.asarray(obj["taps"], dtype=np.float64), 0.0, None)
+        if abs(taps.sum() - 1.0) > 1e-12:  # a hand-written file: normalised (a written one already is)
+            taps = taps / taps.sum()
+        return cls("fitted", tuple(taps.tolist()), float(obj["step"]),
                    obj.get("fitted_thickness_mm"), dict(obj.get("fit") or {}))
 
     @property

@@ -6,11 +6,13 @@ On a real Philips exam reconstructed at 5 mm and 1 mm the box average (a named s
 slices with about 25 HU error inside the object, a profile fitted like this within about 5 HU
 (``benchmarks/bench_real_pair.py``).
 
-**The fit** (:func:`fit_profile`): the profile is piecewise linear on knots every ``step`` thicknesses
-(``step`` = the thin spacing over the thickness, the finest the thin series resolves), out to
-``slab.half_width`` thicknesses either side; each knot's tap is the mass of a hat centred there, so a thick
-slice is predicted as ``m_s = sum_j w_j (B_j t)_s`` with ``B_j`` the (S, D) mass of hat ``j`` over each thin
-voxel (:func:`ctdiff.data.slab.slab_masses`). The taps ``w`` minimise, over every fully supported slab of every
+**The fit** (:func:`fit_profile`): the profile is piecewise constant on cells ``step`` thicknesses wide
+(``step`` = the thin spacing over the thickness, the finest the thin series resolves: one cell per thin
+slice), out to ``slab.half_width`` thicknesses either side; each cell's tap is the profile's mass there, so
+a thick slice is predicted as ``m_s = sum_j w_j (B_j t)_s`` with ``B_j`` the (S, D) mass of cell ``j`` over
+each thin voxel (:func:`ctdiff.data.slab.slab_masses`): for a slab centred on a thin slice, ``w_j`` is simply
+the weight of the ``j``-th thin slice from it, the least squares of each thick slice on the thin slices
+around it. The taps ``w`` minimise, over every fully supported slab of every
 train case and every in-object voxel (the measured thick slice above -500 HU, in HU),
 
     || m - sum_j w_j B_j t ||^2 + lambda ||D2 w||^2     subject to   sum_j w_j = 1,  w_j >= 0,
@@ -131,9 +133,9 @@ class NormalEquations:
 
 
 def tap_basis(pair: SlabPair, slabs: np.ndarray, step: float, half: int) -> np.ndarray:
-    """(2 half + 1, S', D) mass of each knot's hat over each thin voxel, for the selected slabs."""
+    """(2 half + 1, S', D) mass of each tap's cell over each thin voxel, for the selected slabs."""
     z = np.arange(pair.thin_hu.shape[0]) * pair.thin_mm
-    hat = SliceProfile("fitted", tuple([0.0] * half + [1.0] + [0.0] * half), step)  # one hat: shifted below
+    hat = SliceProfile("fitted", tuple([0.0] * half + [1.0] + [0.0] * half), step)  # one cell: shifted below
     out = np.empty((2 * half + 1, int(slabs.sum()), z.size))
     centres = pair.positions_mm[slabs]
     for j in range(2 * half + 1):
@@ -225,7 +227,7 @@ def fit_profile(pairs: Sequence[SlabPair], sp: SlabParams, slab_masks: Sequence[
     eq = NormalEquations.zeros(k)
     used = 0
     for i, pair in enumerate(pairs):
-        slabs = pair.inside((half + 1) * step)
+        slabs = pair.inside((half + 0.5) * step)
         if slab_masks is not None:
             slabs = slabs & slab_masks[i]
         used += int(slabs.sum())
