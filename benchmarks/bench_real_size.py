@@ -35,7 +35,7 @@ SHARED_OUTPUTS = {"fetch_data": ("data/raw",), "preprocess": ("data/processed",)
                   "slab": ("models/slab", "data/slab", "dvclive/slab"),
                   "sr_reference": ("models/sr_reference", "dvclive/sr_reference")}
 ORDER = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
-         "evaluate", "predict")
+         "calibrate", "evaluate", "predict")
 GOAL_GB = 6.0
 # What each stage spends its time on, and what of it a GPU takes over (not measured here: no GPU).
 WHERE = {
@@ -47,6 +47,7 @@ WHERE = {
     "vae_check": "VAE encode and decode of the whole volume: GPU; the metrics stay on the CPU",
     "train": "latent encoding of the train volumes and UNet steps: GPU",
     "sr_reference": "UNet steps and sliding-window validation: GPU; the slab projection stays on the CPU",
+    "calibrate": "as evaluate's sampling of the val cases: GPU; the conformal scores: CPU",
     "evaluate": "sampling (UNet windows x steps x samples) and decoding: GPU; metrics and projection: CPU",
     "predict": "as evaluate's sampling and decoding: GPU; reading, projection and writing: CPU",
 }
@@ -113,7 +114,8 @@ def cases_of(root: Path, stage: str) -> int:
             "fetch_weights": 1, "vae_fit": len(splits["train"]),
             "vae_check": min(params["vae_check"]["max_cases"] or 10**9, len(splits["val"])),
             "train": len(splits["train"]) + len(splits["val"]),
-            "sr_reference": len(splits["train"]) + len(splits["val"]), "evaluate": len(splits["test"]),
+            "sr_reference": len(splits["train"]) + len(splits["val"]), "calibrate": len(splits["val"]),
+            "evaluate": len(splits["test"]),
             "predict": 1}[stage]
 
 

@@ -2,7 +2,9 @@
 
 Trains the arm's scratch VAE as vae_fit does (``ctdiff.training.vae_fit``: the same codec, crops, loss and
 schedule) with the committed params and the given overrides, and scores the val split's round trip with the
-pipeline's metrics after given epochs (training time alone in the table; scoring is not counted).
+pipeline's metrics after given epochs (training time alone in the table; scoring is not counted). Beside the
+metrics, what a collapse shows first: the encoder's posterior std and KL per latent element, the spread of
+the latent means over voxels, and the spread of the decoded volume against the truth's (HU, inside the body).
 
     python benchmarks/bench_vae_fit.py --arm sd --set vae.logvar_init=-6 --set vae.recon_loss=mse
     python benchmarks/bench_vae_fit.py --arm maisi --epochs 12 24 36        # the curve at those epochs
@@ -48,14 +50,23 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
 @torch.no_grad()
 def score(codec, cases, hu_range) -> dict[str, float]:
     codec.module.eval()
-    per_case = []
+    per_case, diagnostics = [], []
     for case in cases:
         truth = case.load("target")
         hu = torch.from_numpy(truth)[None, None]
-        recon = codec.decode_hu(codec.encode_hu(hu, case.grid.direction), truth.shape, case.grid.direction)
-        per_case.append(TruthScorer(truth, hu_range).score(recon[0, 0]))
+        posterior = codec.encode_posterior_hu(hu, case.grid.direction)
+        recon = codec.decode_hu(posterior.mean, truth.shape, case.grid.direction)[0, 0]
+        scorer = TruthScorer(truth, hu_range)
+        per_case.append(scorer.score(recon))
+        body = scorer.mask
+        diagnostics.append({
+            "posterior_std": float(posterior.std.mean()),
+            "kl_per_element": float(codec.kl(posterior)) / posterior.mean[0].numel(),
+            "latent_spread": float(posterior.mean.std(dim=(2, 3, 4)).mean()),  # over voxels, per channel
+            "recon_spread_hu": float(recon[body].std()), "truth_spread_hu": float(torch.from_numpy(
+                np.clip(truth, *hu_range).astype(np.float32))[body].std())})
     codec.module.train()
-    return mean_metrics(per_case)
+    return {**mean_metrics(per_case), **{k: float(np.mean([d[k] for d in diagnostics])) for k in diagnostics[0]}}
 
 
 def main() -> int:
@@ -86,19 +97,24 @@ def main() -> int:
             metrics = score(codec, val, params.hu_range)
             curve.append({"epoch": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
                           "train_seconds": round(timer["train"], 1), **metrics})
-            print(f"epoch {epoch + 1}: {timer['train']:.0f} s of training, val psnr_body {metrics['psnr_body']:.2f} dB",
-                  flush=True)
+            print(f"epoch {epoch + 1}: {timer['train']:.0f} s of training, val psnr_body {metrics['psnr_body']:.2f} "
+                  f"dB, "
+                  f"train L1 {losses['recon']:.4f}, posterior std {metrics['posterior_std']:.4f}, KL/element "
+                  f"{metrics['kl_per_element']:.3f}, latent spread {metrics['latent_spread']:.4f}, decoded spread "
+                  f"{metrics['recon_spread_hu']:.0f} HU (truth {metrics['truth_spread_hu']:.0f})", flush=True)
             timer["tic"] = time.perf_counter()
 
     patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
     train_codec(codec, train, patch, epochs, vae.scratch_lr, vae.patches_per_volume, vae.batch_size, vae.kl_weight,
                 params.train_seed, on_epoch, vae.recon_loss, vae.warmup_steps, vae.body_crops)
     print(f"\n{args.arm} {' '.join(args.set) or '(committed params)'}")
-    print("| epochs | steps | train s | val psnr_body | ssim_body | mae_hu_body |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| epochs | steps | train s | val psnr_body | ssim_body | mae_hu_body | posterior std | latent spread | "
+          "decoded spread HU |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in curve:
         print(f"| {row['epoch']} | {row['steps']} | {row['train_seconds']:.0f} | {row['psnr_body']:.2f} | "
-              f"{row['ssim_body']:.3f} | {row['mae_hu_body']:.1f} |")
+              f"{row['ssim_body']:.3f} | {row['mae_hu_body']:.1f} | {row['posterior_std']:.4f} | "
+              f"{row['latent_spread']:.4f} | {row['recon_spread_hu']:.0f} / {row['truth_spread_hu']:.0f} |")
     print(json.dumps({"arm": args.arm, "set": args.set, "curve": curve}))
     return 0
 

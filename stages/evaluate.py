@@ -23,7 +23,7 @@ def main() -> int:
         params = load_params()
         metrics = evaluate(params, Path("data/processed"), Path("data/slab"), Path("models/vae"),
                            Path("models/checkpoints"), Path("dvclive/evaluate"), Path("data/predictions"),
-                           reference_dir=Path("models/sr_reference"))
+                           reference_dir=Path("models/sr_reference"), calibration_dir=Path("models/calibration"))
     except (ParamsError, WeightsError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
@@ -33,6 +33,8 @@ def main() -> int:
             findings = "".join(f"  {label} {m[name]:.3f}" for name, label in FINDINGS if name in m)
             print(f"evaluate: {rung:<23} psnr_body {m['psnr_body']:6.2f} dB  ssim_body {m['ssim_body']:.3f}  "
                   f"mae_hu_body {m['mae_hu_body']:6.1f}{findings}")
+    if metrics.get("health_note"):
+        print(f"evaluate: warning: {metrics['health_note']}")
     for rung, against in PAIRS:
         for name, gain in metrics.get(f"{rung}_minus_{against}", {}).items():
             print(f"evaluate: {rung} - {against} {name}: {gain['mean']:+.3f} "

@@ -10,8 +10,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ctdiff.data.processed import DataError
 from ctdiff.device import pick_device
-from ctdiff.evaluation.vae_check import check_vae
+from ctdiff.evaluation.vae_check import check_vae, raise_if_unhealthy
 from ctdiff.io import atomic_live
+from ctdiff.metrics.health import Unhealthy
 from ctdiff.models.vae.weights import WeightsError
 from ctdiff.params import ParamsError, load_params
 
@@ -22,7 +23,8 @@ def main() -> int:
         device = pick_device(params.device)
         with atomic_live("dvclive/vae_check") as live:
             summary = check_vae(params, Path("data/processed"), Path("models/vae"), live, device)
-    except (ParamsError, WeightsError, DataError) as exc:
+        raise_if_unhealthy(summary, params)  # after the outputs are written: a failure can be looked at
+    except (ParamsError, WeightsError, DataError, Unhealthy) as exc:
         print(f"vae_check: {exc}", file=sys.stderr)
         return 1
     print(f"vae_check: {summary['codec']} over {summary['n_cases']} case(s): psnr {summary['psnr']:.2f} dB, "

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from ctdiff.data.processed import DataError
 from ctdiff.device import pick_device
 from ctdiff.io import atomic_live
+from ctdiff.metrics.health import Unhealthy
 from ctdiff.models.vae.weights import WeightsError
 from ctdiff.params import ParamsError, load_params
 from ctdiff.training.vae_fit import fit_vae
@@ -28,7 +29,7 @@ def main() -> int:
         with atomic_live("dvclive/vae_fit") as live:
             manifest = fit_vae(params, Path("data/processed"), Path("models/pretrained"), Path("models/vae"),
                                live, device)
-    except (ParamsError, WeightsError, DataError) as exc:
+    except (ParamsError, WeightsError, DataError, Unhealthy) as exc:
         print(f"vae_fit: {exc}", file=sys.stderr)
         return 1
     print(f"vae_fit: {manifest['codec']} VAE ({manifest['weights']['origin']}) -> models/vae "

@@ -32,12 +32,15 @@ from ctdiff.cli import main as cli_main
 
 slow = pytest.mark.slow  # everything but the check of this repository's own .dvc/config
 STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
-          "evaluate")
+          "calibrate", "evaluate")
 # What another machine pulls: every stage's outputs but fetch_data's (data/raw is `push: false`).
-PULL_ALL = ("preprocess", "slab", "fetch_weights", "vae_fit", "train", "sr_reference", "evaluate")
+PULL_ALL = ("preprocess", "slab", "fetch_weights", "vae_fit", "train", "sr_reference", "calibrate", "evaluate")
 # What a laptop pulls to look at a run and predict with its model (metrics and PNGs come with git).
-PULL_LAPTOP = ("fetch_weights", "vae_fit", "train", "evaluate")
+PULL_LAPTOP = ("fetch_weights", "vae_fit", "train", "calibrate", "evaluate")
 TINY = {
+    # seconds-long trainings learn little: the health gates (tests/test_health.py) accept it here
+    "vae.accept_unhealthy": True, "vae_check.accept_unhealthy": True, "train.accept_unhealthy": True,
+    "sr_reference.accept_unhealthy": True,
     "data.phantom.n_cases": 5,
     "data.phantom.families.hilum.shape": [30, 32, 32],
     "data.phantom.families.hilum.pixel_mm": 8.0,

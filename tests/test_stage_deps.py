@@ -20,11 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 ORDER = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
-         "evaluate")
+         "calibrate", "evaluate")
 # The group each stage owns. fetch_weights and vae_fit are the VAE's two stages: fetch_weights reads only the keys that
 # choose the download (the arm, pretrained, the hub pins, the released architecture), vae_fit the rest.
 OWNS = {"fetch_data": "data", "preprocess": "preprocess", "slab": "slab", "fetch_weights": "vae", "vae_fit": "vae",
-        "vae_check": "vae_check", "train": "train", "sr_reference": "sr_reference", "evaluate": "evaluate"}
+        "vae_check": "vae_check", "train": "train", "sr_reference": "sr_reference", "calibrate": "calibrate",
+        "evaluate": "evaluate"}
 
 
 # Declared params a scratch-VAE run (the offline one here) does not read: fetch_weights reads them to download the

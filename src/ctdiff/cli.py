@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
-          "evaluate")
+          "calibrate", "evaluate")
 PREDICT_HELP = """Apply the trained model to new thick series. Each INPUT is a case zip (APE-data layout: folder 1/ is
 read, 2/ ignored), a folder of DICOM files, or a NIfTI volume. Writes DIR/<name>.nii.gz (the thin series, int16
 HU), DIR/<name>/ (the same as a derived DICOM CT series) and DIR/<name>_std.nii.gz (the per-voxel spread of the
@@ -119,6 +119,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """``ctdiff predict``: one line per problem on stderr, exit 1 when the model or any input fails."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see stages/train.py)
     from ctdiff.device import pick_device
+    from ctdiff.inference.calibration import load_calibration
     from ctdiff.inference.predict import predict_inputs
     from ctdiff.inference.sampling import load_trained_model
     from ctdiff.models.vae.weights import WeightsError
@@ -131,12 +132,19 @@ def run_predict(args: argparse.Namespace) -> int:
         device = pick_device(args.device or params.device, key="--device" if args.device else "device")
         model = load_trained_model(args.models / "vae", args.models / "checkpoints", device)
         model = model.with_sampling(samples=args.samples, steps=args.steps)
+        # the calibrated uncertainty map needs the scales fitted for these sampling settings
+        calibration = load_calibration(args.models / "calibration", model) if args.samples is None and \
+            args.steps is None else None
     except (ParamsError, WeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 1
     seed = params.train_seed if args.seed is None else args.seed
     outcomes = predict_inputs(args.inputs, args.out, model, params, seed, args.thickness_mm, args.anonymize,
-                              progress=not args.quiet, allow_irregular=args.allow_irregular_slices)
+                              progress=not args.quiet, allow_irregular=args.allow_irregular_slices,
+                              calibration=calibration)
+    if calibration is None:
+        print("predict: the uncertainty maps (_std.nii.gz) are the draws' raw spread, not calibrated (no calibration "
+              f"in {args.models / 'calibration'} for these sampling settings)")
     for outcome in outcomes:
         if outcome.error:
             print(f"predict: {outcome.source}: {outcome.error}", file=sys.stderr)

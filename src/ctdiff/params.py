@@ -304,6 +304,9 @@ class VaeParams:
     warmup_steps: int  # linear LR warm-up before the cosine decay
     body_crops: float  # fraction of training crops centred inside the body (HU > -500), the rest uniform
     logvar_init: float | None  # scratch: the encoder's log-variance output starts at this constant
+    health_cases: int  # train volumes round-tripped after training, against their trivial codes
+    min_gain_db: float  # the round trip must beat each volume's mean code by this much (psnr_body)
+    accept_unhealthy: bool  # true: a VAE no better than that is reported, not fatal
     hub_timeout_s: float  # reachability check before a download; offline fails this fast
     maisi: MaisiParams
     sd: SdParams
@@ -317,6 +320,7 @@ class VaeParams:
         _require(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
         _require(self.warmup_steps >= 0, "vae.warmup_steps", "must be >= 0")
         _require(0.0 <= self.body_crops <= 1.0, "vae.body_crops", "must be in [0, 1]")
+        _require(self.health_cases >= 1, "vae.health_cases", "must be >= 1")
         _require(self.hub_timeout_s > 0, "vae.hub_timeout_s", "must be > 0")
 
     @property
@@ -328,6 +332,8 @@ class VaeParams:
 class VaeCheckParams:
     split: Literal["val", "test", "train"]  # held-out cases to encode and decode
     max_cases: int  # 0 = every case of the split
+    min_gain_db: float  # the round trip must beat each volume's mean code by this much (psnr_body)
+    accept_unhealthy: bool  # true: a VAE no better than that is reported, not fatal
 
     def __post_init__(self) -> None:
         _require(self.max_cases >= 0, "vae_check.max_cases", "must be >= 0 (0 = all)")
@@ -411,6 +417,8 @@ class TrainParams:
     latent_cache: Literal["memory", "disk"]  # disk: also under models/checkpoints/latents (resume)
     checkpoint_every: int  # steps between last.pt writes (and one at every epoch end)
     precision: Literal["fp32", "bf16", "fp16"]  # autocast on CUDA only; CPU always runs fp32
+    min_latent_spread: float  # the cached target latent means must vary over voxels by more than this (std)
+    accept_unhealthy: bool  # true: flat latents or a val loss that never falls are reported, not fatal
     unet: UnetParams
     sampling: SamplingParams
 
@@ -458,6 +466,7 @@ class SrReferenceParams:
     overlap: float  # sliding-window overlap at inference (val and evaluate)
     window_batch: int  # windows per network call at inference
     checkpoint_every: int  # steps between last.pt writes (plus one at every epoch end)
+    accept_unhealthy: bool  # true: a network worse than its input on val is reported, not fatal
 
     def __post_init__(self) -> None:
         key = "sr_reference"
@@ -477,6 +486,20 @@ class SrReferenceParams:
         _require(0.0 <= self.overlap < 1.0, f"{key}.overlap", "must be in [0, 1)")
         _require(self.window_batch >= 1, f"{key}.window_batch", "must be >= 1")
         _require(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------- calibrate
+@dataclass(frozen=True, kw_only=True)
+class CalibrateParams:
+    """Split-conformal calibration of the model's spread (:mod:`ctdiff.evaluation.calibrate`)."""
+
+    split: Literal["val", "train"]  # held-out cases the scales are fitted on (never the test split)
+    max_cases: int  # 0 = every case of the split
+    bands_hu: tuple[float, ...]  # edges of the HU bands of the prediction, one scale each; [] = one scale
+
+    def __post_init__(self) -> None:
+        _require(self.max_cases >= 0, "calibrate.max_cases", "must be >= 0 (0 = all)")
+        _require(list(self.bands_hu) == sorted(self.bands_hu), "calibrate.bands_hu", "must be ascending")
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -510,6 +533,7 @@ class Params:
     vae_check: VaeCheckParams
     train: TrainParams
     sr_reference: SrReferenceParams
+    calibrate: CalibrateParams
     evaluate: EvaluateParams
 
     def __post_init__(self) -> None:

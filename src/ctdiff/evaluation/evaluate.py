@@ -29,27 +29,31 @@ from ctdiff.device import pick_device
 from ctdiff.evaluation.figures import cut_planes, densest_plane
 from ctdiff.evaluation.report import CaseResult, case_panel, log_results
 from ctdiff.evaluation.rungs import PREDICTION, Ladder, LadderInputs
+from ctdiff.inference.calibration import load_calibration
 from ctdiff.inference.sampling import TrainedModel, decoded_change, load_trained_model, predict_thin
 from ctdiff.io import atomic_dir, atomic_live
 from ctdiff.metrics.cases import score
 from ctdiff.metrics.image import TruthScorer
 from ctdiff.metrics.structures import StructureTruth
-from ctdiff.metrics.uncertainty import uncertainty_metrics
+from ctdiff.metrics.uncertainty import Calibration, calibrated_metrics, uncertainty_metrics
 from ctdiff.models.reference import Reference, load_reference
 from ctdiff.params import Params
 
 
 def evaluate(params: Params, processed_dir: Path, slab_dir: Path, vae_dir: Path, ckpt_dir: Path, live_dir: Path,
-             pred_dir: Path, progress: bool = True, reference_dir: Path | None = None) -> dict[str, Any]:
+             pred_dir: Path, progress: bool = True, reference_dir: Path | None = None,
+             calibration_dir: Path | None = None) -> dict[str, Any]:
     """Run the stage; returns the summary written to ``live_dir/metrics.json``.
 
     ``reference_dir`` holds the sr_reference stage's checkpoints (the ``reference`` rung); None leaves
-    that rung out.
+    that rung out. ``calibration_dir``: the calibrate stage's scales of the model's spread (the calibrated
+    coverage on test); None, or no calibration there, leaves those metrics out.
     """
     cases = split_cases(processed_dir, params.evaluate.split, params.evaluate.max_cases)
     device = pick_device(params.device)
     model = load_trained_model(vae_dir, ckpt_dir, device)
     reference = load_reference(reference_dir, device) if reference_dir is not None else None
+    calibration = load_calibration(calibration_dir, model) if calibration_dir is not None else None
     results = []
     with atomic_live(live_dir) as live, atomic_dir(pred_dir) as preds:
         for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
@@ -57,7 +61,7 @@ def evaluate(params: Params, processed_dir: Path, slab_dir: Path, vae_dir: Path,
             check_profiles(slabs, model, reference)
             inputs, seconds = ladder_inputs(model, reference, params, case, slabs)
             result = score_case(case, Ladder(inputs), params, seconds, slabs.operator.n_slabs,
-                                preds if params.evaluate.nifti else None)
+                                preds if params.evaluate.nifti else None, calibration)
             live.log_image(f"{case.case_id}.png", case_panel(result, params.evaluate.window_hu))
             results.append(result)
         log_results(live, results, model, params)
@@ -95,8 +99,9 @@ def ladder_inputs(model: TrainedModel, reference: Reference | None, params: Para
 
 
 def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs: int,
-               preds: Path | None) -> CaseResult:
-    """Score every rung against the truth, keep the panel's planes, write the prediction's NIfTI to ``preds``."""
+               preds: Path | None, calibration: Calibration | None = None) -> CaseResult:
+    """Score every rung against the truth, keep the panel's planes, write the prediction's NIfTI to ``preds``;
+    with ``calibration``, also the calibrated intervals' coverage of the prediction."""
     truth = case.load("target")
     scorer = TruthScorer(truth, params.hu_range)  # the truth's [0, 1] copy and body mask, once per case
     structures = case_structures(case, truth, params)
@@ -113,8 +118,11 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
             result.error = cut_planes(np.abs(volume - truth.astype(np.float32)), through)
             spread = ladder.inputs.model_spread
             if spread is not None:  # several draws: how well their spread ranks and covers the error
-                result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.hu_range,
-                                                                    scorer.mask.numpy()))
+                mask = scorer.mask.numpy()
+                result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.hu_range, mask))
+                if calibration is not None:
+                    result.scores[rung.name].update(calibrated_metrics(volume, spread, truth, params.hu_range,
+                                                                       calibration, mask))
                 result.spread = cut_planes(spread, through)
             if preds is not None:
                 sitk.WriteImage(image_from_array(to_int16_hu(volume), case.grid), str(preds / f"{case.case_id}.nii.gz"),

@@ -3,7 +3,9 @@
 ``metrics.json`` holds ``<rung>/<metric>`` (means over the test cases; a structure metric over the cases
 that have it), ``<rung>_minus_<against>/<metric>/{mean,ci95_low,ci95_high,cases}`` for :data:`PAIRS`
 (paired per-case differences, same case and seed, with a seeded bootstrap interval), the sampling time,
-and which VAE weights, checkpoint, sampler and consistency settings produced them.
+which VAE weights, checkpoint, sampler and consistency settings produced them, and ``health``: whether the
+VAE's projected ceiling reaches the projected baseline at all (:func:`vae_health`; when it does not, the model
+rung measures a broken VAE, not latent diffusion, and the stage says so).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ctdiff.io import atomic_write_text
 from ctdiff.metrics.cases import paired_gains, summarise
 from ctdiff.metrics.image import METRIC_NAMES
 from ctdiff.metrics.structures import CONSPICUITY, FALSE_DEFECTS, STRUCTURE_METRICS
-from ctdiff.metrics.uncertainty import UNCERTAINTY_METRICS
+from ctdiff.metrics.uncertainty import CALIBRATED_METRICS, UNCERTAINTY_METRICS
 from ctdiff.params import Params
 
 GAIN_KEY = "model_minus_baseline_consistent"  # paired per-case gain of the model over the honest baseline
@@ -88,7 +90,7 @@ def log_results(live: Live, results: list[CaseResult], model: TrainedModel, para
     ep, sampling = params.evaluate, model.sampling
     per_case = [r.scores for r in results]
     for rung, metrics in summarise(per_case).items():
-        for name in (*METRIC_NAMES, *STRUCTURE_METRICS, *UNCERTAINTY_METRICS):
+        for name in (*METRIC_NAMES, *STRUCTURE_METRICS, *UNCERTAINTY_METRICS, *CALIBRATED_METRICS):
             if name in metrics:  # a structure metric only where some case has labels for it
                 live.log_metric(f"{rung}/{name}", metrics[name], plot=False)
     for rung, against in PAIRS:
@@ -103,6 +105,9 @@ def log_results(live: Live, results: list[CaseResult], model: TrainedModel, para
         if points:
             live.log_plot(name, points, x=name, y="case_rung", template="bar_horizontal",
                           title=f"{name} per case and rung")
+    health = vae_health(summarise(per_case))
+    live.log_metric("health/vae_ceiling_below_baseline", float(bool(health)), plot=False)
+    live.summary["health_note"] = health
     live.log_metric("sampling/seconds_per_volume", float(np.mean([r.seconds for r in results])), plot=False)
     live.log_metric("cases", len(results), plot=False)
     live.summary.update({"vae": {"codec": model.vae.name, "weights": model.vae.weights},
@@ -114,6 +119,16 @@ def log_results(live: Live, results: list[CaseResult], model: TrainedModel, para
                                      "condition": model.train_params.condition},
                          "consistency": {"model_projected": sampling.consistency, "profile": model.profile.name}})
     write_per_case_csv(Path(live.dir) / "per_case.csv", [r.row() for r in results])
+
+
+def vae_health(means: dict[str, dict[str, float]]) -> str:
+    """'' when the VAE's projected ceiling reaches the projected baseline (psnr_body); else the one-line note."""
+    ceiling, baseline = means.get("vae_ceiling_consistent"), means.get("baseline_consistent")
+    if ceiling is None or baseline is None or ceiling["psnr_body"] >= baseline["psnr_body"]:
+        return ""
+    return (f"the model rung measures a broken VAE, not latent diffusion: even the truth through the VAE, projected "
+            f"(vae_ceiling_consistent {ceiling['psnr_body']:.2f} dB psnr_body), is below the projected baseline "
+            f"({baseline['psnr_body']:.2f} dB); see vae_check")
 
 
 def write_per_case_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,8 +1,12 @@
 """vae_check: encode -> decode held-out target volumes and measure what the VAE loses.
 
 Writes through a dvclive ``Live``: ``metrics.json`` (the six reconstruction metrics averaged over cases,
-speed, memory, latent size, and which weights were used), ``plots/custom/per_case.json`` (every metric
-per case) and ``plots/images/<case_id>.png`` (mid-slices: input | reconstruction | |error|).
+speed, memory, latent size, which weights were used, and the trivial codes of the same volumes:
+``health``), ``plots/custom/per_case.json`` (every metric per case) and ``plots/images/<case_id>.png``
+(mid-slices: input | reconstruction | |error|). A VAE that reconstructs some case no better than that volume's
+mean code (by ``vae_check.min_gain_db``) is unhealthy (:mod:`ctdiff.metrics.health`): the summary says why in one
+line (``health.verdict``) and :func:`raise_if_unhealthy`, called once the outputs are complete, fails the stage
+unless ``vae_check.accept_unhealthy``, so the metrics and images of the failure can be looked at.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from tqdm import tqdm
 
 from ctdiff.data.processed import split_cases
 from ctdiff.evaluation.figures import orthogonal_panel
-from ctdiff.metrics.image import METRIC_NAMES, mean_metrics, reconstruction_metrics
+from ctdiff.metrics.health import Unhealthy, check_codec, codec_verdict, summarise_checks
+from ctdiff.metrics.image import METRIC_NAMES, TruthScorer, mean_metrics
 from ctdiff.models.vae.weights import load_vae
 from ctdiff.params import Params
 
@@ -30,14 +35,16 @@ def check_vae(params: Params, processed_dir: Path, vae_dir: Path, live: Live,
     codec = load_vae(vae_dir, device)
     manifest = codec.manifest
     cases = split_cases(processed_dir, params.vae_check.split, params.vae_check.max_cases)
-    per_case = []
+    per_case, checks = [], []
     for case in tqdm(cases, desc="vae_check", unit="volume"):
         target = case.load("target")
         started = time.perf_counter()
         recon = codec.round_trip(target, case.grid.direction)
         latent_shape = codec.latent_shape(target.shape)
         seconds = time.perf_counter() - started
-        values = reconstruction_metrics(recon, target, params.hu_range)
+        check = check_codec(case.case_id, recon, target, TruthScorer(target, params.hu_range), codec.downsample)
+        checks.append(check)
+        values = TruthScorer(target, params.hu_range).score(recon)
         per_case.append({"case_id": case.case_id, **values, "seconds": seconds,
                          "latent_shape": "x".join(map(str, latent_shape)),
                          "compression_ratio": codec.compression_ratio(target.shape)})
@@ -58,5 +65,17 @@ def check_vae(params: Params, processed_dir: Path, vae_dir: Path, live: Live,
     # Not numbers, so not logged as metrics; dvc metrics show/diff still display them.
     live.summary["codec"] = manifest["codec"]
     live.summary["weights"] = manifest["weights"]
+    live.summary["health"] = summarise_checks(checks)
     live.log_plot("per_case", per_case, x="case_id", y=list(METRIC_NAMES), template="bar_horizontal")
+    verdict = codec_verdict(checks, params.vae_check.min_gain_db, "vae_check.accept_unhealthy")
+    live.summary["health"].update(healthy=verdict is None, verdict=verdict or "")
     return live.summary
+
+
+def raise_if_unhealthy(summary: dict[str, Any], params: Params) -> None:
+    """Raise :class:`Unhealthy` with the summary's one-line verdict unless the VAE passed or it is accepted."""
+    verdict = summary["health"]["verdict"]
+    if verdict and not params.vae_check.accept_unhealthy:
+        raise Unhealthy(verdict)
+    if verdict:
+        print(f"vae_check: {verdict.split('; set')[0]}: accepted (vae_check.accept_unhealthy)")

@@ -17,8 +17,11 @@ into place):
   patient's derived series; ``--anonymize`` drops the identifiers and derives new study and frame-of-reference
   UIDs from the old ones, one-way); ImageType DERIVED\\SECONDARY\\AXIAL; the thin grid's positions and
   SliceThickness; a SeriesDescription naming the model (VAE arm, checkpoint step);
-- ``<name>_std.nii.gz``: the per-voxel spread (sample standard deviation, HU) of the ``--samples`` draws,
-  float32; with one draw there is no spread and none is written (predict says so).
+- ``<name>_std.nii.gz``: the per-voxel uncertainty, float32 HU. With the calibrate stage's scales (the model
+  folder's ``calibration/``) it is calibrated: ``prediction +- 1.96 x`` it covered 95 % of the truth on val
+  (split conformal, per HU band: :mod:`ctdiff.metrics.uncertainty`); without them, the raw sample standard
+  deviation of the draws. The NIfTI description says which. With one draw there is no spread and none is
+  written (predict says so).
 
 Identifiers never reach a message or a log: errors name the input by the path the user gave.
 """
@@ -49,6 +52,7 @@ from ctdiff.data.grid import Grid, image_from_array, resample, to_int16_hu
 from ctdiff.data.safezip import UnsafeZipError
 from ctdiff.data.slab import SlabOperator, consistent_baseline
 from ctdiff.inference.sampling import TrainedModel, predict_thin
+from ctdiff.metrics.uncertainty import Calibration
 from ctdiff.params import Params
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -257,8 +261,19 @@ def derived_series_spec(scan: Scan, prediction: Prediction, model: TrainedModel,
         inherited=inherited)
 
 
-def write_prediction(out_dir: Path, scan: Scan, prediction: Prediction, model: TrainedModel, anonymize: bool
-                     ) -> list[Path]:
+Z95 = 1.959964  # the standard normal's 97.5 % quantile: a calibrated 95 % half-width read as a standard deviation
+
+
+def uncertainty_map(prediction: Prediction, calibration: Calibration | None) -> tuple[np.ndarray, str]:
+    """(the ``_std`` volume, float32 HU, and its NIfTI description, at most 80 characters)."""
+    if calibration is None:
+        return prediction.spread.astype(np.float32), "ctdiff: std of the draws, HU (not calibrated)"
+    half = calibration.half_width(prediction.hu, prediction.spread, 0.95)
+    return (half / Z95).astype(np.float32), "ctdiff: calibrated std, HU: +-1.96x covered 95% of val (conformal)"
+
+
+def write_prediction(out_dir: Path, scan: Scan, prediction: Prediction, model: TrainedModel, anonymize: bool,
+                     calibration: Calibration | None = None) -> list[Path]:
     """Write the outputs of one input atomically (each complete or absent); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{scan.name}.", suffix=".tmp", dir=out_dir))
@@ -269,8 +284,10 @@ def write_prediction(out_dir: Path, scan: Scan, prediction: Prediction, model: T
         write_series(prediction.hu, derived_series_spec(scan, prediction, model, anonymize), written[scan.name])
         if prediction.spread is not None:
             written[f"{scan.name}_std.nii.gz"] = staging / "std.nii.gz"
-            sitk.WriteImage(image_from_array(prediction.spread.astype(np.float32), prediction.grid),
-                            str(written[f"{scan.name}_std.nii.gz"]), useCompression=True)
+            volume, description = uncertainty_map(prediction, calibration)
+            image = image_from_array(volume, prediction.grid)
+            image.SetMetaData("ITK_FileNotes", description)  # ITK writes it as the NIfTI header's descrip
+            sitk.WriteImage(image, str(written[f"{scan.name}_std.nii.gz"]), useCompression=True)
         final = []
         for name, path in written.items():
             target = out_dir / name
@@ -305,8 +322,9 @@ class Outcome:
 
 def predict_inputs(inputs: Sequence[Path], out_dir: Path, model: TrainedModel, params: Params, seed: int,
                    thickness_mm: float | None = None, anonymize: bool = False, progress: bool = True,
-                   say=print, allow_irregular: bool = False) -> list[Outcome]:
-    """Predict every input in turn; a bad one is reported (``error``) and does not stop the others."""
+                   say=print, allow_irregular: bool = False, calibration: Calibration | None = None) -> list[Outcome]:
+    """Predict every input in turn; a bad one is reported (``error``) and does not stop the others.
+    ``calibration``: the model's (the calibrate stage's), for the calibrated uncertainty map."""
     outcomes: list[Outcome] = []
     names: dict[str, Path] = {}
     for path in tqdm(list(inputs), desc="predict", unit="scan", disable=not progress):
@@ -321,7 +339,7 @@ def predict_inputs(inputs: Sequence[Path], out_dir: Path, model: TrainedModel, p
             for warning in outcome.warnings:
                 say(f"predict: {outcome.source}: warning: {warning}")
             prediction = predict_scan(model, scan, seed, progress=progress)
-            outcome.written = write_prediction(out_dir, scan, prediction, model, anonymize)
+            outcome.written = write_prediction(out_dir, scan, prediction, model, anonymize, calibration)
             names[name] = outcome.source
             if prediction.spread is None:
                 say(f"predict: {outcome.source}: one sample (--samples 1): no spread to write, so no "

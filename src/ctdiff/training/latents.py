@@ -83,6 +83,12 @@ class LatentCache:
                                      Posterior(t["target_mean"], t["target_std"])))
         return cls(cached)
 
+    def mean_spread(self) -> float:
+        """How much the target posterior means vary over voxels: the root mean over cases and channels of their
+        variance over voxels (0 for a VAE that encodes everything alike)."""
+        variances = [c.target.mean.double().flatten(1).var(dim=1, unbiased=False) for c in self.cases]
+        return float(torch.cat(variances).mean().sqrt())
+
     def residual_std(self) -> float:
         """Std of (target - source) latents sampled from the cached posteriors (independent draws)."""
         return _sampled_std([c.target.mean - c.source.mean for c in self.cases],

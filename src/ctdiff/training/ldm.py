@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from ctdiff.data.processed import Case, split_cases
 from ctdiff.data.slab import SlabCase, SliceProfile, read_profile
+from ctdiff.metrics.health import Unhealthy
 from ctdiff.metrics.image import psnr
 from ctdiff.models.checkpoint import write_model_card
 from ctdiff.models.denoiser import build_unet, latent_patch_shape
@@ -122,13 +123,16 @@ def _train(params: Params, processed_dir: Path, slab_dir: Path, profile_dir: Pat
                       steps_per_epoch, env.is_main, say)
     rng = restore(run, m, params, env, rng)
     if run.complete(total_steps):
-        if env.is_main:
+        if env.is_main:  # (validation runs on rank 0 only)
+            check_val_fell(run, tp, say)
             write_model_card(ckpt_dir, model_card(tp, m.vae, profile, data))
         return run.result(scale_factor=float(run.checkpoint["scale_factor"]))
 
     frozen_later = run.epoch < tp.vae_freeze_epochs or tp.vae_finetune == "decoder"
     cache, scale_factor, latent_target = encode_training_latents(m.vae, data, tp, run, ckpt_dir, frozen_later,
                                                                  progress and env.is_main, say)
+    if cache is not None:
+        check_latent_spread(cache, tp, say)
     validation = Validation(m.vae, data.val, data.val_conditions, m.sampler, m.noise_scheduler, tp,
                             params.train_seed) if env.is_main else None
     run.open_live({"codec": m.vae.name, "weights": m.vae.weights, "scale_factor": scale_factor})
@@ -204,8 +208,7 @@ def _train(params: Params, processed_dir: Path, slab_dir: Path, profile_dir: Pat
                 say(f"epoch {epoch + 1}: train {metrics['train/loss']:.4f}  val {val_loss:.4f}  "
                     f"latent std {metrics['latent/std']:.3f}  VAE PSNR {val_psnr:.2f} dB")
             run.log_epoch(epoch, metrics)
-            if val_loss < run.best_val:
-                run.best_val = val_loss
+            if run.record_val(val_loss):
                 save(BEST, with_optimizers=False)
             save(LAST)
             (stop_now,) = env.any(stop.signum is not None)  # (also the barrier that waits for rank 0's writes)
@@ -213,9 +216,35 @@ def _train(params: Params, processed_dir: Path, slab_dir: Path, profile_dir: Pat
                 raise TrainInterrupted(stop.signum or signal.SIGTERM, run.step)
     finally:
         stop.restore()
-    if env.is_main:
+    if env.is_main:  # (validation runs on rank 0 only)
+        check_val_fell(run, tp, say)
         write_model_card(ckpt_dir, model_card(tp, m.vae, profile, data))
     return run.result(scale_factor=scale_factor)
+
+
+# ------------------------------------------------------------------------------------------- health
+def check_latent_spread(cache: LatentCache, tp: TrainParams, say: Any) -> None:
+    """The VAE must encode the train targets into latents that vary (:mod:`ctdiff.metrics.health`)."""
+    spread = cache.mean_spread()
+    if spread >= tp.min_latent_spread:
+        return
+    message = (f"the VAE's latents of the train targets barely vary (std {spread:.2e} over voxels, below "
+               f"train.min_latent_spread {tp.min_latent_spread:g}): it encodes every volume alike, so there is "
+               f"nothing to learn; check vae_check, or set train.accept_unhealthy=true")
+    if not tp.accept_unhealthy:
+        raise Unhealthy(message)
+    say(f"train: warning: {message.split('; check')[0]} (accepted)")
+
+
+def check_val_fell(run: TrainingRun, tp: TrainParams, say: Any) -> None:
+    """After two or more epochs the val loss must have fallen below the first epoch's at least once."""
+    if not run.val_never_fell():
+        return
+    message = (f"the val loss never fell below its first epoch's ({run.first_val:.4f}; best {run.best_val:.4f} over "
+               f"{run.epoch} epochs): the denoiser learned nothing; lower train.lr, or set train.accept_unhealthy=true")
+    if not tp.accept_unhealthy:
+        raise Unhealthy(message)
+    say(f"train: warning: {message.split('; lower')[0]} (accepted)")
 
 
 # ------------------------------------------------------------------------------------------ the steps

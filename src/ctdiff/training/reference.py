@@ -8,7 +8,10 @@ random patch pairs (L1 on [0, 1] intensities over ``hu_range``, as for the VAEs)
 whole val volumes (the prediction projected onto the slabs, as evaluate scores it, against the truth; the
 baseline's metrics alongside), dvclive logging, and checkpoints: ``last.pt`` every
 ``sr_reference.checkpoint_every`` steps and at every epoch end, ``best.pt`` when the val L1 of the
-projected prediction improves. Resume, SIGTERM/SIGINT and divergence behave as in the train stage.
+projected prediction improves. Resume, SIGTERM/SIGINT and divergence behave as in the train stage. A network
+whose best projected val prediction is no better (in L1) than its own input stops the stage with one line
+(:func:`check_beats_input`; ``sr_reference.accept_unhealthy`` accepts it): the ``reference`` rung would then be
+the baseline under another name.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ctdiff.data.intensity import to_x01
 from ctdiff.data.processed import Case, split_cases
 from ctdiff.data.slab import SlabCase
 from ctdiff.device import pick_device
+from ctdiff.metrics.health import Unhealthy
 from ctdiff.metrics.image import TruthScorer, body_mask, mean_abs01, mean_metrics
 from ctdiff.models.reference import build_reference_net, net_contract, predict_reference
 from ctdiff.params import Params, to_dict
@@ -185,6 +189,7 @@ def train_reference(params: Params, processed_dir: Path, slab_dir: Path, ckpt_di
         lr_scheduler.load_state_dict(run.checkpoint["lr_scheduler"])
         set_rng_state(run.checkpoint["rng"], rng)
     if run.complete(total_steps):
+        check_beats_input(run, float(run.checkpoint["baseline_val"]), sp.accept_unhealthy)
         return run.result()
 
     baseline = baseline_metrics(params, val_cases)
@@ -198,6 +203,7 @@ def train_reference(params: Params, processed_dir: Path, slab_dir: Path, ckpt_di
             "optimizer": optimizer.state_dict() if with_optimizer else None,
             "lr_scheduler": lr_scheduler.state_dict() if with_optimizer else None,
             "contract": net_contract(sp, params.hu_range, profile_digest),
+            "baseline_val": baseline["l1"],
             "sr_reference_params": to_dict(sp),
         }, rng)
 
@@ -235,9 +241,7 @@ def train_reference(params: Params, processed_dir: Path, slab_dir: Path, ckpt_di
                        "perf/sec_per_step": run.epoch_stats.sec_per_step,
                        **{f"val/{k}": v for k, v in val.items()},
                        **{f"val_baseline/{k}": v for k, v in baseline.items()}}
-            improved = val["l1"] < run.best_val
-            if improved:
-                run.best_val = val["l1"]
+            improved = run.record_val(val["l1"])
             run.log_epoch(epoch, metrics, {"best": {"epoch": epoch + 1, **{k: val[k] for k in
                                                                            ("l1", "psnr_body", "mae_hu_body")}}}
                           if improved else None)
@@ -251,4 +255,17 @@ def train_reference(params: Params, processed_dir: Path, slab_dir: Path, ckpt_di
     finally:
         bar.close()
         stop.restore()
+    check_beats_input(run, baseline["l1"], sp.accept_unhealthy)
     return run.result(baseline=baseline)
+
+
+def check_beats_input(run: TrainingRun, input_l1: float, accept: bool) -> None:
+    """The network's best projected val prediction must be closer to the truth (L1) than its input is."""
+    if run.best_val < input_l1:
+        return
+    message = (f"the reference network's best projected val prediction (L1 {run.best_val:.5f} in [0, 1]) is no better "
+               f"than its own input, baseline_consistent ({input_l1:.5f}): it learned nothing; lower sr_reference.lr "
+               f"or train longer, or set sr_reference.accept_unhealthy=true")
+    if not accept:
+        raise Unhealthy(message)
+    print(f"sr_reference: warning: {message.split('; lower')[0]} (accepted)")

@@ -42,7 +42,7 @@ from ctdiff.io import digest
 from ctdiff.models.checkpoint import diff_keys, load_checkpoint, save_checkpoint
 
 LAST, BEST = "last.pt", "best.pt"  # last: to continue from; best: by the stage's validation value
-CHECKPOINT_FORMAT = 2  # 2: one scaffold for both stages (epoch_stats as sums, best_val); older ones start fresh
+CHECKPOINT_FORMAT = 3  # 3: first_val kept (the health gates); older ones start fresh
 
 
 # ------------------------------------------------------------------------------------------- hashing
@@ -211,7 +211,8 @@ class TrainResult:
 class TrainingRun:
     """One invocation of a training stage: where it starts (fresh or resumed), what it writes, what it logs.
 
-    ``step`` (optimizer steps done, a resumed run's included), ``epoch_stats`` and ``best_val`` are the
+    ``step`` (optimizer steps done, a resumed run's included), ``epoch_stats``, ``best_val`` and ``first_val`` (the
+    first epoch's validation value, for :meth:`val_never_fell`) are the
     loop's own counters, kept here so that :meth:`save` writes them and a resumed run restores them.
     ``checkpoint`` is the matching ``last.pt`` (None when fresh) for the stage to restore its own state from.
     Only the main process (rank 0) writes files or logs; the others keep the counters.
@@ -226,6 +227,7 @@ class TrainingRun:
         ckpt = self.checkpoint
         self.step = int(ckpt["step"]) if ckpt else 0
         self.best_val = float(ckpt["best_val"]) if ckpt else math.inf
+        self.first_val = float(ckpt["first_val"]) if ckpt else math.nan
         self.epoch_stats = EpochStats.from_state(ckpt["epoch_stats"]) if ckpt else EpochStats()
         self.start_step = self.step
         self.history: list[dict[str, float]] = []  # per epoch logged by this invocation
@@ -251,6 +253,19 @@ class TrainingRun:
         self.say(f"{self.stage}: already complete ({self.step} steps); delete {self.ckpt_dir} to train again")
         return True
 
+    def record_val(self, value: float) -> bool:
+        """Note one epoch's validation value (lower is better); True when it is the best so far."""
+        if math.isnan(self.first_val):
+            self.first_val = value
+        if value < self.best_val:
+            self.best_val = value
+            return True
+        return False
+
+    def val_never_fell(self) -> bool:
+        """True after two or more epochs when none reached a validation value below the first epoch's."""
+        return self.epoch >= 2 and not self.best_val < self.first_val
+
     def open_live(self, summary: dict[str, Any]) -> None:
         """The stage's dvclive ``Live`` (continuing its history when resumed), with ``summary`` in it; main only."""
         if self.is_main:
@@ -268,6 +283,7 @@ class TrainingRun:
             "epoch": self.epoch,
             "epoch_stats": self.epoch_stats.state(),
             "best_val": self.best_val,
+            "first_val": self.first_val,
             "rng": rng_state(rng),
             "params_hash": digest(self.shaping),
             "params_shaping": json.dumps(self.shaping, sort_keys=True),

@@ -6,6 +6,11 @@ output), shuffles them, and steps Adam on L1 reconstruction in [0, 1] intensity 
 the KL term of the posterior. The learning rate decays on a cosine to 5 % of its start. The manifest it
 writes carries what every later stage needs to load and run the codec (:func:`ctdiff.models.vae.weights.load_vae`).
 No latent scale factor here: the train stage computes it from the latents it encodes anyway.
+
+A VAE that trained is checked before anything is written (:func:`check_health`, :mod:`ctdiff.metrics.health`):
+``vae.health_cases`` train volumes round-tripped must each beat their own mean code by ``vae.min_gain_db``, else
+the stage fails with one line (``vae.accept_unhealthy`` writes it anyway), so a collapsed VAE never reaches
+the rest of the pipeline.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from tqdm import tqdm
 
 from ctdiff.data.processed import Case, split_cases
 from ctdiff.io import atomic_dir
-from ctdiff.metrics.image import BODY_THRESHOLD_HU
+from ctdiff.metrics.health import CodecCheck, Unhealthy, check_codec, codec_verdict, summarise_checks
+from ctdiff.metrics.image import BODY_THRESHOLD_HU, TruthScorer
 from ctdiff.models.vae.base import LatentCodec, kl_divergence
 from ctdiff.models.vae.weights import (
     WeightsError,
@@ -156,6 +162,10 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
     if history and not math.isfinite(history[-1]["loss"]):
         raise WeightsError(f"vae_fit: the last epoch's loss is {history[-1]['loss']}: the VAE diverged; lower "
                            f"vae.scratch_lr / vae.finetune_lr")
+    health = check_health(codec, train[:vae.health_cases], params) if epochs else []
+    verdict = codec_verdict(health, vae.min_gain_db, "vae.accept_unhealthy") if health else None
+    if verdict and not vae.accept_unhealthy:
+        raise Unhealthy(verdict)
 
     with atomic_dir(out_dir) as tmp:
         if epochs:
@@ -165,10 +175,25 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
             weights_dir = Path(os.path.relpath(pretrained_dir.resolve(), out_dir.resolve())).as_posix()
         manifest = write_manifest(tmp, codec, weights_dir, files, weights, runtime_settings(vae),
                                   train_seconds=round(train_seconds, 1), final_loss=history[-1] if history else None)
+    if verdict:
+        print(f"vae_fit: {verdict.split('; set')[0]}: written anyway (vae.accept_unhealthy)")
     if live is not None:
-        live.summary.update({key: manifest[key] for key in
-                             ("train_seconds", "codec", "weights")})
+        live.summary.update({key: manifest[key] for key in ("train_seconds", "codec", "weights")})
+        if health:
+            live.summary["health"] = {"cases": [c.case_id for c in health], **summarise_checks(health),
+                                      "vae_psnr_body": float(sum(c.vae for c in health) / len(health))}
     return manifest
+
+
+def check_health(codec: LatentCodec, cases: Sequence[Case], params: Params) -> list[CodecCheck]:
+    """Each case's target round-tripped whole against its trivial codes (:mod:`ctdiff.metrics.health`)."""
+    codec.module.eval()
+    checks = []
+    for case in cases:
+        truth = case.load("target")
+        recon = codec.round_trip(truth, case.grid.direction)
+        checks.append(check_codec(case.case_id, recon, truth, TruthScorer(truth, params.hu_range), codec.downsample))
+    return checks
 
 
 def init_logvar(codec: LatentCodec, value: float) -> None:
