@@ -411,6 +411,8 @@ class TrainParams:
     # what the denoiser is conditioned on: series 1 interpolated onto the thin grid (source.npy), or that
     # projected onto series 1's slabs (the slab stage's baseline_consistent)
     condition: Literal["interpolated", "consistent"]
+    # the condition's latent in training: a posterior sample (as the target's) or its mean (what sampling uses)
+    condition_latent: Literal["sample", "mean"]
     prediction: Literal["epsilon", "v"]  # ddpm only; rflow always predicts the velocity
     num_train_timesteps: int
     val_patches_per_volume: int  # fixed patches (and noise, timesteps) per val volume

@@ -419,7 +419,8 @@ def step_losses(m: Models, data: TrainData, cache: LatentCache | None, indices: 
         else:  # "full": encode on the fly, so the diffusion gradient reaches the encoder
             source = vae.posterior_x01(vae.hu_to_x01(source_hu.to(device)), directions)
             target = vae.posterior_x01(x01_target, directions)
-        z_source, z_target = source.sample() * scale_factor, target.sample() * scale_factor
+        z_source = (source.mean if tp.condition_latent == "mean" else source.sample()) * scale_factor
+        z_target = target.sample() * scale_factor
         loss_diffusion = diffusion_loss(m.model, m.noise_scheduler, latent_target.x0(z_target, z_source), z_source)
         loss_vae = torch.zeros((), device=device)
         if not frozen:
