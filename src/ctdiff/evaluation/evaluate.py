@@ -85,7 +85,8 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
                preds: Path | None) -> CaseResult:
     """Score every rung against the truth, keep the panel's planes, write the prediction's NIfTI to ``preds``."""
     truth = case.load("target")
-    scorer = TruthScorer(truth, params.vae.hu_range)  # the truth's [0, 1] copy and body mask, once per case
+    # The truth's body mask and SSIM maps, once per case, on the stage's device (each rung moves there once).
+    scorer = TruthScorer(truth, params.vae.hu_range, device=pick_device(params.train.device))
     structures = case_structures(case, truth, params)
     through = embolus_plane(structures) or (truth.shape[0] // 2, truth.shape[1] // 2)
     result = CaseResult(case.case_id, case.category, case.spacing_mm, seconds, slabs, through,
@@ -101,7 +102,7 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
             spread = ladder.inputs.model_spread
             if spread is not None:  # several draws: how well their spread ranks and covers the error
                 result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.vae.hu_range,
-                                                                    scorer.mask.numpy()))
+                                                                    scorer.mask.cpu().numpy()))
                 result.spread = cut_planes(spread, through)
             if preds is not None:
                 sitk.WriteImage(image_from_array(to_int16_hu(volume), case.grid), str(preds / f"{case.case_id}.nii.gz"),
