@@ -19,7 +19,9 @@ loads them and measures, one after the other:
 - ``bound``: 12 plain float32 passes over the pair of volumes (``torch.sub(pred, truth, out=buffer)``,
   each reading both and writing one), timed before and after the rest; the faster of the two is the bound.
 
-Peak memory is the process's resident high-water mark (``VmHWM``, reset before each step through
+Each step's wall seconds and CPU seconds (all the process's threads) are divided by the bound's: on cores
+shared with other jobs the wall ratio swings with their load from one step to the next, while the CPU ratio
+measures the work. Peak memory is the process's resident high-water mark (``VmHWM``, reset before each step through
 ``/proc/self/clear_refs``) less its resident size just before the step: what the step costs on top of its
 inputs (the volumes, loaded before, and the bound's buffer, allocated before). The table is printed and
 written to ``benchmarks/out/metrics/<shape>.md``; ``--json`` keeps every number and metric.
@@ -137,16 +139,17 @@ def worker(data: Path, rungs: int, device_name: str) -> dict:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         sync()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         out = fn(*args)
         sync()
         seconds = time.perf_counter() - started
-        row = {"step": name, "seconds": seconds,
+        row = {"step": name, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_started,
                "peak_growth_mb": max(0, _status_kb("VmHWM") - rss_kb) / 1024 if can_reset else math.nan}
         if on_gpu:
             row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         steps.append(row)
-        print(f"# {name}: {seconds:.2f} s, peak growth {row['peak_growth_mb']:.0f} MB", file=sys.stderr, flush=True)
+        print(f"# {name}: {seconds:.2f} s ({row['cpu_seconds']:.2f} s CPU), peak growth {row['peak_growth_mb']:.0f} MB",
+              file=sys.stderr, flush=True)
         return out
 
     def bound():
@@ -185,7 +188,8 @@ def run_child(*args: str) -> dict:
 # ------------------------------------------------------------------------------------------ the table
 def table(result: dict, shape: tuple[int, int, int], rungs: int) -> list[str]:
     steps = {s["step"]: s for s in result["steps"]}
-    bound = min(steps["bound (before)"]["seconds"], steps["bound (after)"]["seconds"])
+    bounds = [steps["bound (before)"], steps["bound (after)"]]
+    bound, bound_cpu = min(b["seconds"] for b in bounds), min(b["cpu_seconds"] for b in bounds)
     structure_s = sum(steps[f"structures {i}"]["seconds"] for i in range(rungs))
     rows = [("single call: 6 image metrics, truth prepared inside", steps["single call"]),
             ("truth preparation (once per case)", steps["truth preparation"]),
@@ -193,20 +197,23 @@ def table(result: dict, shape: tuple[int, int, int], rungs: int) -> list[str]:
             ("structure truth (once per case)", steps["structure truth"]),
             *((f"structure metrics, rung {i}", steps[f"structures {i}"]) for i in range(rungs))]
     gpu = result["gpu"] is not None
-    lines = [f"| step ({' x '.join(map(str, shape))}) | seconds | x bound | peak growth MB |"
-             + (" GPU peak MB |" if gpu else ""), "|---|---:|---:|---:|" + ("---:|" if gpu else "")]
+    lines = [f"| step ({' x '.join(map(str, shape))}) | seconds | x bound | CPU seconds | x bound (CPU) "
+             "| peak growth MB |" + (" GPU peak MB |" if gpu else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
     for name, s in rows:
-        lines.append(f"| {name} | {s['seconds']:.2f} | {s['seconds'] / bound:.1f}x | {s['peak_growth_mb']:.0f} |"
+        lines.append(f"| {name} | {s['seconds']:.2f} | {s['seconds'] / bound:.1f}x | {s['cpu_seconds']:.2f} "
+                     f"| {s['cpu_seconds'] / bound_cpu:.1f}x | {s['peak_growth_mb']:.0f} |"
                      + (f" {s.get('gpu_peak_mb', math.nan):.0f} |" if gpu else ""))
-    lines.append(f"| bound: {BOUND_PASSES} float32 passes over the two volumes (faster of before/after: "
-                 f"{steps['bound (before)']['seconds']:.2f}, {steps['bound (after)']['seconds']:.2f}) "
-                 f"| {bound:.2f} | 1.0x | |" + (" |" if gpu else ""))
-    further = [steps[f"rung {i}"]["seconds"] / bound for i in range(1, rungs)]
+    lines.append(f"| bound: {BOUND_PASSES} float32 passes over the two volumes (the faster of before/after: "
+                 + ", ".join(f"{b['seconds']:.2f} s ({b['cpu_seconds']:.2f} CPU)" for b in bounds)
+                 + f") | {bound:.2f} | 1.0x | {bound_cpu:.2f} | 1.0x | |" + (" |" if gpu else ""))
+    further = [steps[f"rung {i}"] for i in range(1, rungs)]
     lines.append("")
-    lines.append(f"single call {steps['single call']['seconds'] / bound:.1f}x the bound (goal <= 5x); further rungs "
-                 + ", ".join(f"{r:.1f}x" for r in further) + " (goal <= 3x each); structure metrics "
-                 f"{structure_s / max(rungs, 1):.2f} s per rung; resident before the steps (the inputs, the bound's "
-                 f"buffer): {result['inputs_rss_mb']:.0f} MB")
+    lines.append(f"single call {steps['single call']['seconds'] / bound:.1f}x the bound "
+                 f"({steps['single call']['cpu_seconds'] / bound_cpu:.1f}x in CPU seconds; goal <= 5x); further rungs "
+                 + ", ".join(f"{r['seconds'] / bound:.1f}x ({r['cpu_seconds'] / bound_cpu:.1f}x)" for r in further)
+                 + f" (goal <= 3x each); structure metrics {structure_s / max(rungs, 1):.2f} s per rung; resident "
+                 f"before the steps (the inputs, the bound's buffer): {result['inputs_rss_mb']:.0f} MB")
     return lines
 
 
