@@ -487,8 +487,8 @@ def _workers(device: torch.device) -> int:
 
 
 def _in_parallel(tasks: list[Callable[[], T]], device: torch.device) -> list[T]:
-    """The tasks' results, each task run in a thread of its own (on the CPU), the intra-op threads shared out
-    between them (one each on up to ``MAX_WORKERS`` cores).
+    """The tasks' results: on the CPU each task run in a thread of its own, the intra-op threads shared out
+    between them (one each on up to ``MAX_WORKERS`` cores); on a GPU one after another.
 
     Why: a sweep is thousands of operations on a few MB each. With torch's intra-op threads every one of
     them ends at a barrier, and on a machine whose cores are shared (CI, a box running other jobs) a
@@ -498,7 +498,16 @@ def _in_parallel(tasks: list[Callable[[], T]], device: torch.device) -> list[T]:
     count is the process's: it is lowered for the call (new threads take it up when they first run an
     operation) and restored after.
     """
-    if device.type != "cpu" or len(tasks) == 1:
+    if device.type != "cpu":
+        # One after another on the GPU, its matrix products in full float32: TF32 (which a training script may
+        # have switched on for the process) would cost the SSIM maps three of their digits.
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return [task() for task in tasks]
+        finally:
+            torch.set_float32_matmul_precision(precision)
+    if len(tasks) == 1:
         return [task() for task in tasks]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // len(tasks)))
