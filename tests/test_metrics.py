@@ -281,7 +281,7 @@ def test_separable_ssim_map_equals_monai_on_random_volumes(shape):
     assert float((got.double() - exact).abs().max()) < 5e-6
     assert float((got - want).abs().max()) < 2e-5
     assert ssim(pred01, truth01) == pytest.approx(float(want.double().mean()), abs=2e-6)
-    assert ssim(pred01, truth01) == pytest.approx(float(exact.mean()), abs=2e-7)
+    assert ssim(pred01, truth01) == pytest.approx(float(exact.mean()), abs=5e-7)
     mask = body_mask(truth_hu)
     centres = mask[tuple(slice(k // 2, n - k // 2) for k, n in zip([min(11, s if s % 2 else s - 1)
                                                                       for s in shape], shape))]

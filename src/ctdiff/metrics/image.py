@@ -155,14 +155,13 @@ def ssim_map(pred01: torch.Tensor, truth01: torch.Tensor, slab_depth: int = SSIM
     x, y = pred01.float().to(window.device), truth01.float()
     out = torch.empty(window.valid_shape(window.rows), device=window.device)
 
-    def fill(slices: slice, ring: torch.Tensor) -> None:  # x, x^2, x y, y, y^2
-        for channel, value in enumerate((x[slices], x[slices] ** 2, x[slices] * y[slices], y[slices],
-                                         y[slices] ** 2)):
+    def fill(slices: slice, ring: torch.Tensor) -> None:  # x, x^2 + y^2, x y, y
+        for channel, value in enumerate((x[slices], x[slices] ** 2 + y[slices] ** 2, x[slices] * y[slices],
+                                         y[slices])):
             ring[channel] = value
 
-    for first, last, top, bottom, means in window.sweep(5, fill, slab_depth):
-        _truth_maps(means[3:], means[3], means[4])
-        out[first:last, top:bottom] = _ssim_map_(means[:3], means[3], means[4], torch.empty_like(means[3]))
+    for first, last, top, bottom, means in window.sweep(4, fill, slab_depth):
+        out[first:last, top:bottom] = _ssim_map_(means[:3], means[3], torch.empty_like(means[3]))
     return out
 
 
@@ -275,32 +274,24 @@ def _gaussian_1d(size: int) -> torch.Tensor:
     return taps
 
 
-def _truth_maps(moments: torch.Tensor, mu_y: torch.Tensor, var_y_c2: torch.Tensor) -> None:
-    """The truth's mean and variance + C2 from its Gaussian moments (2, ...) = (E[y], E[y^2]), written into
-    ``mu_y`` and ``var_y_c2``; either may be the moment's own tensor (then it is overwritten in place)."""
-    if mu_y.data_ptr() != moments[0].data_ptr():
-        mu_y.copy_(moments[0])
-    if var_y_c2.data_ptr() == moments[1].data_ptr():
-        var_y_c2.sub_(moments[0] * moments[0]).add_(SSIM_K2**2)
-    else:
-        torch.sub(moments[1], torch.mul(moments[0], moments[0], out=var_y_c2), out=var_y_c2).add_(SSIM_K2**2)
+def _ssim_map_(maps: torch.Tensor, mu_y: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """The SSIM map from the Gaussian means ``maps`` (3, ...) = (E[x], E[x^2 + y^2], E[xy]) and ``mu_y`` = E[y];
+    in place (``maps`` and ``tmp`` are overwritten), returned as a view of ``maps[2]``.
 
-
-def _ssim_map_(maps: torch.Tensor, mu_y: torch.Tensor, var_y_c2: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """The SSIM map from the prediction's Gaussian moments ``maps`` (3, ...) = (E[x], E[x^2], E[xy]) and the
-    truth's mean and variance + C2, as MONAI's ``compute_ssim_and_cs`` forms it; in place (``maps`` and
-    ``tmp`` are overwritten), returned as a view of ``maps[2]``."""
+    MONAI's formula, ``(2 mu_x mu_y + C1) (2 cov + C2) / ((mu_x^2 + mu_y^2 + C1) (var_x + var_y + C2))``, with
+    the two variances taken together: var_x + var_y = E[x^2 + y^2] - mu_x^2 - mu_y^2, so one filtered channel
+    serves both (and the truth keeps one map, its mean)."""
     c1, c2 = SSIM_K1**2, SSIM_K2**2
-    mu_x, e_xx, e_xy = maps[0], maps[1], maps[2]
+    mu_x, e_squares, e_xy = maps[0], maps[1], maps[2]
     torch.mul(mu_x, mu_y, out=tmp)
     e_xy.sub_(tmp).mul_(2.0).add_(c2)  # 2 cov(x, y) + C2
     tmp.mul_(2.0).add_(c1)  # 2 mu_x mu_y + C1
     e_xy.mul_(tmp)
-    torch.mul(mu_x, mu_x, out=tmp)
-    e_xx.sub_(tmp).add_(var_y_c2)  # var(x) + var(y) + C2
-    tmp.addcmul_(mu_y, mu_y).add_(c1)  # mu_x^2 + mu_y^2 + C1
-    e_xx.mul_(tmp)
-    return e_xy.div_(e_xx)
+    torch.mul(mu_x, mu_x, out=tmp).addcmul_(mu_y, mu_y)  # mu_x^2 + mu_y^2
+    e_squares.sub_(tmp).add_(c2)  # var(x) + var(y) + C2
+    tmp.add_(c1)
+    e_squares.mul_(tmp)
+    return e_xy.div_(e_squares)
 
 
 # ------------------------------------------------------------------------------------------ one truth
@@ -309,10 +300,9 @@ class TruthScorer:
 
     Holds what the truth alone fixes: ``mask`` (its :func:`body_mask`, from the unclipped truth), ``centres``
     (the SSIM window centres inside the mask, a view of it) and, with ``keep_maps`` (the default), the
-    truth's SSIM maps ``mu_y`` and ``var_y_c2`` (its Gaussian mean, and variance + C2, at every window
-    centre: float32, about 2 x 290 MB at 300 x 512 x 512), so that each :meth:`score` only filters the
-    prediction's three channels (x, x^2, xy); without them each :meth:`score` filters the truth's two as
-    well (one prediction: less work and memory in all). The truth itself is kept as given, not copied (on
+    truth's SSIM map ``mu_y`` (its Gaussian mean at every window centre: float32, 290 MB at 300 x 512 x 512),
+    so that each :meth:`score` filters three channels (x, x^2 + y^2, xy); without it each :meth:`score`
+    filters y as well (one prediction: less work and memory in all). The truth itself is kept as given, not copied (on
     CPU a NumPy or memory-mapped truth is read a few slices at a time).
 
     :meth:`score` makes one pass over a prediction, a few slices at a time (``ssim_slab_depth`` SSIM map
@@ -343,7 +333,6 @@ class TruthScorer:
         self.n_centres = self.centres.numel()
         self.n_centres_body = int(torch.count_nonzero(self.centres))
         self.mu_y: torch.Tensor | None = None
-        self.var_y_c2: torch.Tensor | None = None
         if keep_maps:
             self._keep_maps()
 
@@ -352,18 +341,16 @@ class TruthScorer:
         return to_x01(_slab(self.truth_hu, rows, self.device), self.hu_range)
 
     def _keep_maps(self) -> None:
-        """``mu_y`` and ``var_y_c2`` at every window centre, one sweep per worker."""
+        """``mu_y`` at every window centre, one sweep per worker."""
         w = self._window
         self.mu_y = mu_y = torch.empty(w.valid_shape(w.rows), device=self.device)
-        self.var_y_c2 = var_y = torch.empty_like(mu_y)
 
-        def fill(slices: slice, ring: torch.Tensor) -> None:  # y, y^2
+        def fill(slices: slice, ring: torch.Tensor) -> None:  # y
             _x01_into(_slab(self.truth_hu, slices, self.device), self.hu_range, ring[0])
-            torch.mul(ring[0], ring[0], out=ring[1])
 
         def sweep(rows: tuple[int, int]) -> None:
-            for first, last, top, bottom, means in w.sweep(2, fill, self.ssim_slab_depth, rows):
-                _truth_maps(means, mu_y[first:last, top:bottom], var_y[first:last, top:bottom])
+            for first, last, top, bottom, means in w.sweep(1, fill, self.ssim_slab_depth, rows):
+                mu_y[first:last, top:bottom] = means[0]
 
         _in_parallel([partial(sweep, rows) for rows in _split(w.rows, _workers(self.device))], self.device)
 
@@ -401,33 +388,27 @@ class TruthScorer:
         absolute errors (all, body), SSIM (all centres, body centres)."""
         w, device, kept = self._window, self.device, self.mu_y is not None
         slices = min(rows[1] - rows[0], self.ssim_slab_depth) + self.window[0] - 1
-        y = torch.empty((slices, *self.shape[1:]), device=device)  # the truth (with kept maps), the error
+        y = torch.empty((slices, *self.shape[1:]), device=device)  # the truth (with a kept mu_y), the error
         squared = torch.empty_like(y)
         inside = self.mask.view(torch.uint8)  # 0/1 to multiply by (the same bytes)
         sums = torch.zeros(6, dtype=torch.float64, device=device)
 
-        def fill(batch: slice, ring: torch.Tensor) -> None:  # x, x^2, x y (, y, y^2); the owned slices' errors
+        def fill(batch: slice, ring: torch.Tensor) -> None:  # x, x^2 + y^2, x y (, y); the owned slices' errors
             n = batch.stop - batch.start
             x, truth = ring[0], y[:n] if kept else ring[3]
             _x01_into(_slab(pred_hu, batch, device), self.hu_range, x)
             _x01_into(_slab(self.truth_hu, batch, device), self.hu_range, truth)
+            torch.mul(x, x, out=ring[1]).addcmul_(truth, truth)
             torch.mul(x, truth, out=ring[2])
-            torch.mul(x, x, out=ring[1])
-            if not kept:
-                torch.mul(truth, truth, out=ring[4])
             low, high = max(batch.start, owned[0]), min(batch.stop, owned[1])
             if low < high:
                 own = slice(low - batch.start, high - batch.start)
-                err = truth[own] if kept else y[:high - low]  # with kept maps the truth is not needed again
+                err = truth[own] if kept else y[:high - low]  # with a kept mu_y the truth is not needed again
                 _error_sums(torch.sub(x[own], truth[own], out=err), squared[:high - low], inside[low:high], sums[:4])
 
-        for first, last, top, bottom, means in w.sweep(3 if kept else 5, fill, self.ssim_slab_depth, rows):
-            if kept:
-                mu_y, var_y = self.mu_y[first:last, top:bottom], self.var_y_c2[first:last, top:bottom]
-            else:
-                mu_y, var_y = means[3], means[4]
-                _truth_maps(means[3:], mu_y, var_y)
-            tile = _ssim_map_(means[:3], mu_y, var_y, _head(squared, means.shape[1:]))
+        for first, last, top, bottom, means in w.sweep(3 if kept else 4, fill, self.ssim_slab_depth, rows):
+            mu_y = self.mu_y[first:last, top:bottom] if kept else means[3]
+            tile = _ssim_map_(means[:3], mu_y, _head(squared, means.shape[1:]))
             sums[4] += tile.sum()
             sums[5] += tile.mul_(w.centres(inside, first, last, top, bottom)).sum()
         return sums
