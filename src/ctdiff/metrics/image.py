@@ -79,36 +79,41 @@ def body_mask(hu: ArrayLike, threshold_hu: float = BODY_THRESHOLD_HU, closing_vo
     device = _device_of(hu, device)
     radius = int(closing_voxels) // 2
     if np.ndim(hu) != 3:
-        return _closing(_slab(hu, slice(None), device) > threshold_hu, radius)
+        above = _slab(hu, slice(None), device) > threshold_hu
+        return _closing(above, torch.empty_like(above), radius)
     # In slabs along D: the closing at a slice sees 2 * radius slices either side, so a slab with that halo
     # gives exactly the whole volume's values on its own slices.
     depth, halo = hu.shape[0], 2 * radius
     out = torch.empty(tuple(hu.shape), dtype=torch.bool, device=device)
 
     def close(first: int, last: int) -> None:
+        slab = (min(BODY_SLAB_DEPTH, last - first) + 2 * halo, *hu.shape[1:])
+        above, spare = (torch.empty(slab, dtype=torch.bool, device=device) for _ in range(2))
         for start in range(first, last, BODY_SLAB_DEPTH):
             stop = min(last, start + BODY_SLAB_DEPTH)
             low, high = max(0, start - halo), min(depth, stop + halo)
-            closed = _closing(_slab(hu, slice(low, high), device) > threshold_hu, radius)
-            out[start:stop] = closed[start - low:stop - low]
+            part = above[:high - low]
+            torch.gt(_slab(hu, slice(low, high), device), threshold_hu, out=part)
+            out[start:stop] = _closing(part, spare[:high - low], radius)[start - low:stop - low]
 
     _in_parallel([partial(close, *part) for part in _split(depth, _workers(device))], device)
     return out
 
 
-def _closing(mask: torch.Tensor, radius: int) -> torch.Tensor:
+def _closing(mask: torch.Tensor, spare: torch.Tensor, radius: int) -> torch.Tensor:
     """Binary closing of a bool tensor by a box of side 2 * radius + 1: a max filter, then a min filter, each
-    one axis at a time (a box is the product of its axes' intervals)."""
+    one axis at a time (a box is the product of its axes' intervals). ``mask`` and ``spare`` (its shape) are
+    overwritten; the result is one of them."""
     for grow in (True, False):
         for axis in range(mask.ndim):
-            mask = _box_along(mask, axis, radius, grow)
+            mask, spare = _box_along(mask, spare, axis, radius, grow), mask
     return mask
 
 
-def _box_along(mask: torch.Tensor, axis: int, radius: int, grow: bool) -> torch.Tensor:
-    """OR (``grow``) or AND of each voxel's neighbours within ``radius`` along ``axis``; neighbours beyond the
-    edge are left out, which is padding with False for OR and with True for AND."""
-    out = mask.clone()
+def _box_along(mask: torch.Tensor, out: torch.Tensor, axis: int, radius: int, grow: bool) -> torch.Tensor:
+    """OR (``grow``) or AND of each voxel's neighbours within ``radius`` along ``axis``, written into ``out``;
+    neighbours beyond the edge are left out, which is padding with False for OR and with True for AND."""
+    out.copy_(mask)
     size = mask.shape[axis]
     combine = torch.Tensor.logical_or_ if grow else torch.Tensor.logical_and_
     for shift in range(1, min(radius, size - 1) + 1):
