@@ -16,19 +16,22 @@ dense bone, cost nothing that no model could recover):
   centres that lie inside the mask (each window still sees its whole neighbourhood, edges included).
 
 A truth scores many predictions (the rungs of a case): :class:`TruthScorer` computes what depends on the
-truth alone once (its body mask, and its SSIM maps: the local Gaussian mean and variance that every SSIM map
-against it shares) and scores each prediction in one pass over it, a few slices at a time, so that memory
-stays bounded on full CT volumes (300 x 512 x 512). :func:`reconstruction_metrics` is the one-prediction
-shorthand (it computes the truth's maps inside that one pass instead of keeping them).
+truth alone once (its body mask, and its local Gaussian mean, which every SSIM map against it shares) and
+scores each prediction in one pass over it, a few slices at a time, so that memory stays bounded on full CT
+volumes (300 x 512 x 512). :func:`reconstruction_metrics` is the one-prediction shorthand (it filters the
+truth inside that one pass instead of keeping its mean).
 
-Why the SSIM is written here rather than called from MONAI: ``compute_ssim_and_cs`` convolves five maps with
-a dense 11 x 11 x 11 kernel (1331 multiply-adds per voxel and map), which made scoring a real-size volume take
-a minute and more on two cores. The Gaussian window is separable (MONAI builds it as the outer product of
-three normalised 1-D Gaussians), so the same local means come from three 1-D passes, here banded matrix
-products (:class:`_Window`). The results equal MONAI's to float32 rounding (``tests/test_metrics.py`` checks
-them against ``compute_ssim_and_cs``, ``SSIMMetric`` and float64). The body mask's closing likewise: MONAI's
-``dilate``/``erode`` convolve through a 27x buffer; a box closing is separable too, so it is a boolean OR
-then AND of shifted copies along each axis in turn, the same result bit for bit.
+Why the SSIM is written here rather than called from MONAI: speed. ``compute_ssim_and_cs`` convolves five
+maps with a dense 11 x 11 x 11 kernel (1331 multiply-adds per voxel and map), which made scoring a real-size
+volume take a minute and more on two cores. The Gaussian window is separable (MONAI builds it as the outer
+product of three normalised 1-D Gaussians), so the same local means come from three 1-D passes, here banded
+matrix products (:class:`_Window`); and the two local variances enter SSIM only as their sum, so three
+channels are filtered per prediction (x, x^2 + y^2, xy) where MONAI filters five. The results equal MONAI's
+to float32 rounding, and are closer to the float64 value than MONAI's own float32 map (:func:`_gaussian_1d`
+says why; ``tests/test_metrics.py`` checks against ``compute_ssim_and_cs``, ``SSIMMetric`` and float64).
+The body mask's closing likewise: MONAI's ``dilate``/``erode`` convolve through a 27x buffer; a box closing
+is separable too, so it is a boolean OR then AND of shifted copies along each axis in turn, the same result
+bit for bit.
 
 Everything is torch: a scorer built with ``device="cuda"`` (or from a CUDA truth) keeps its arrays on the
 GPU and scores predictions there (a host prediction is copied there once per score). On the CPU the work is
