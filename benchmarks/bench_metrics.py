@@ -1,23 +1,34 @@
-"""Evaluation-code benchmark on full CT volumes: wall seconds and peak memory, old whole-volume code vs new.
+"""Scoring one case at real size against the memory-bandwidth bound of the same machine, in one process.
 
-    python benchmarks/bench_metrics.py                          # 300 x 512 x 512, 2 predictions (~5 min, 2 cores)
-    python benchmarks/bench_metrics.py --shape 40 128 128 --rungs 3
-    python benchmarks/bench_metrics.py --old-shape 150 512 512  # the old paths on a smaller volume (less memory)
+    python benchmarks/bench_metrics.py --shape 300 512 512             # real size, 3 predictions (~2 min, 2 cores)
+    python benchmarks/bench_metrics.py --shape 40 128 128 --rungs 2    # a quick check of the benchmark itself
+    python benchmarks/bench_metrics.py --device cuda                   # the same on the GPU
+    python benchmarks/bench_metrics.py --json before.json              # keep the numbers (and the metrics)
+    python benchmarks/bench_metrics.py --against before.json           # largest |difference| to a kept run
 
-Scores ``--rungs`` noisy predictions against one synthetic truth (smoothed noise in HU over [-1000, 1000]
-inside an elliptical body, air outside; the body mask (> -500 HU) has real edges) and projects each onto a
-synthetic series 1 (5 mm box slabs on a 1 mm grid):
+A synthetic CT-like case (air around an elliptical body, lungs, soft tissue, contrast-filled arteries along
+the slices with one embolus, a spine; smooth texture and noise; labels for the structure metrics) and
+``--rungs`` noisy predictions of it are written once as .npy by another process. One worker process then
+loads them and measures, one after the other:
 
-- image metrics, old: ``reconstruction_metrics`` as it was before :class:`ctdiff.metrics.image.TruthScorer`
-  (reimplemented below from the same MONAI calls: the whole volume's [0, 1] and clipped HU copies, body
-  mask and SSIM map, once per prediction); new: one ``TruthScorer`` per truth, ``score`` per prediction.
-- slab projection, old: ``SlabOperator.project`` as it was (the whole volume in float64, ``pinv`` per call);
-  new: ``SlabOperator.project`` (blocks of rows, cached ``pinv``).
+- ``single call``: ``reconstruction_metrics`` of the first prediction (the six image metrics, the truth's
+  preparation included: what one call costs);
+- ``truth preparation``: a ``TruthScorer`` for the truth (what a case pays once);
+- ``rung i``: that scorer's ``score`` of each prediction (what each further rung of a case costs);
+- ``structures``: ``StructureTruth.build`` once and ``metrics`` of each prediction;
+- ``bound``: 12 plain float32 passes over the pair of volumes (``torch.sub(pred, truth, out=buffer)``,
+  each reading both and writing one), timed before and after the rest; the faster of the two is the bound.
 
-Each variant runs in a fresh interpreter that first imports everything and loads the volumes (``.npy``
-written once by another child); ``peak growth`` is that process's ``getrusage`` peak RSS minus its RSS just
-before the variant started, so it is what the computation itself costs on top of its inputs. The old and new
-results are compared too (largest difference over the predictions).
+Each step's wall seconds and CPU seconds (all the process's threads) are divided by the bound's: on cores
+shared with other jobs the wall ratio swings with their load from one step to the next, while the CPU ratio
+measures the work. Peak memory is the process's resident high-water mark (``VmHWM``, reset before each step through
+``/proc/self/clear_refs``) less its resident size just before the step: what the step costs on top of its
+inputs (the volumes, loaded before, and the bound's buffer, allocated before). The table is printed and
+written to ``benchmarks/out/metrics/<shape>.md``; ``--json`` keeps every number and metric.
+
+The code measured is whatever ``ctdiff`` imports: ``PYTHONPATH=<an older checkout>/src python
+benchmarks/bench_metrics.py ...`` measures that version with this same harness (the "before" numbers in
+RESULTS.md; ``--device`` needs a version that takes it).
 """
 
 from __future__ import annotations
@@ -27,7 +38,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,235 +46,257 @@ import time
 from pathlib import Path
 
 HU_RANGE = (-1000.0, 1000.0)
-SLAB_MM, THIN_MM = 5.0, 1.0
-OLD_BYTES_PER_VOXEL = 64  # generous bound on the old image-metric path's peak (about 16 float32 volumes)
-OLD_LIMIT_BYTES = 14 << 30
+SPACING_MM = (0.7, 0.7, 1.0)  # (sx, sy, sz)
+BOUND_PASSES = 12
+OUT_DIR = Path(__file__).resolve().parent / "out" / "metrics"
+CLASSES = {0: "air", 2: "soft_tissue", 3: "lung", 7: "artery", 8: "embolus", 9: "bone_cortical"}
 
 
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-# ------------------------------------------------------------------------------------------ the old code
-def old_reconstruction_metrics(pred_hu, truth_hu, hu_range):
-    """reconstruction_metrics before TruthScorer: every step on the whole volume, per prediction."""
-    import torch
-    from monai.metrics import MAEMetric, PSNRMetric
-    from monai.metrics.regression import compute_ssim_and_cs
-    from monai.transforms.utils_morphological_ops import dilate, erode
-
-    from ctdiff.data.intensity import to_hu, to_x01
-    from ctdiff.metrics.image import PSNR_CAP_DB, _window
-
-    pred01, truth01 = to_x01(pred_hu, hu_range), to_x01(truth_hu, hu_range)
-    pred_clipped, truth_clipped = to_hu(pred01, hu_range), to_hu(truth01, hu_range)
-    raw = (torch.as_tensor(truth_hu).float() > -500.0).float()[None, None]
-    mask = erode(dilate(raw, 3), 3)[0, 0] > 0.5
-    window = [_window(s) for s in truth01.shape]
-    ssim_map = compute_ssim_and_cs(pred01[None, None], truth01[None, None], spatial_dims=3, kernel_size=window,
-                                   kernel_sigma=[1.5] * 3, data_range=1.0)[0][0, 0]
-
-    def psnr(p, t):
-        return min(float(PSNRMetric(max_val=1.0)(p.reshape(1, 1, -1), t.reshape(1, 1, -1)).item()), PSNR_CAP_DB)
-
-    def mae(p, t):
-        return float(MAEMetric()(p.reshape(1, 1, -1), t.reshape(1, 1, -1)).item())
-
-    d, h, w = (k // 2 for k in window)
-    centres = mask[d:mask.shape[0] - d, h:mask.shape[1] - h, w:mask.shape[2] - w]
-    return {
-        "psnr": psnr(pred01, truth01),
-        "ssim": float(ssim_map.mean()),
-        "mae_hu": mae(pred_clipped, truth_clipped),
-        "psnr_body": psnr(pred01[mask], truth01[mask]),
-        "ssim_body": float(ssim_map[centres].mean()),
-        "mae_hu_body": mae(pred_clipped[mask], truth_clipped[mask]),
-    }
-
-
-def old_project(op, thin, measured):
-    """SlabOperator.project before the row blocks: the whole volume in float64."""
-    import numpy as np
-
-    thin64 = np.asarray(thin, dtype=np.float64)
-    residual = np.asarray(measured, dtype=np.float64) - np.tensordot(op.weights, thin64, axes=(1, 0))
-    correction = np.tensordot(np.linalg.pinv(op.weights), residual, axes=(1, 0))
-    return (thin64 + correction).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------ the children
-def operator(depth: int):
-    import numpy as np
-
-    from ctdiff.data.slab import SlabOperator
-
-    n = int(SLAB_MM / THIN_MM)
-    centres = [(j * n + (n - 1) / 2) * THIN_MM for j in range(depth // n)]
-    return SlabOperator.from_geometry(np.arange(depth) * THIN_MM, THIN_MM, centres, SLAB_MM)
-
-
+# ------------------------------------------------------------------------------------------ the data
 def generate(data: Path, shape: tuple[int, int, int], rungs: int, seed: int = 0) -> dict:
-    """Truth, predictions and series-1 measurements as .npy (float32) in ``data``."""
+    """Truth, labels and predictions as .npy (float32 HU, uint8 labels) in ``data``."""
     import numpy as np
     import torch
 
     rng = np.random.default_rng(seed)
     depth, height, width = shape
+    z = np.arange(depth)[:, None, None]
+    y = (np.arange(height)[None, :, None] - height / 2) / height
+    x = (np.arange(width)[None, None, :] - width / 2) / width
+    labels = np.zeros(shape, np.uint8)
+    body = (y / 0.42) ** 2 + (x / 0.46) ** 2 <= 1.0
+    labels[np.broadcast_to(body, shape)] = 2
+    for side in (-1, 1):
+        lung = ((y + 0.03) / 0.3) ** 2 + ((x - side * 0.2) / 0.16) ** 2 <= 1.0
+        labels[np.broadcast_to(lung, shape)] = 3
+    spine = ((y - 0.33) / 0.06) ** 2 + (x / 0.06) ** 2 <= 1.0
+    labels[np.broadcast_to(spine, shape)] = 9
+    # Arteries: tubes through the lungs that drift across the slices, one with an embolus.
+    wobble = np.sin(z / max(depth, 1) * 2 * np.pi)
+    for i, (cy, cx, r) in enumerate([(-0.05, -0.2, 0.018), (0.05, 0.2, 0.018), (-0.12, 0.16, 0.012),
+                                     (0.1, -0.14, 0.012)]):
+        tube = ((y - cy - 0.02 * wobble) ** 2 + (x - cx) ** 2) <= r**2
+        labels[tube] = 7
+        if i == 0:
+            clot = tube & ((y - cy - 0.02 * wobble) ** 2 + (x - cx) ** 2 <= (0.5 * r) ** 2)
+            clot &= (z >= depth // 3) & (z < depth // 3 + max(1, depth // 10))
+            labels[clot] = 8
+    hu = np.array([-1000, 0, 40, -850, 0, 0, 0, 300, 50, 700], np.float32)[labels]
     coarse = torch.from_numpy(rng.normal(size=(max(2, depth // 6), max(2, height // 12), max(2, width // 12)))
                               .astype(np.float32))
-    z = torch.nn.functional.interpolate(coarse[None, None], size=shape, mode="trilinear", align_corners=False)
-    z = z[0, 0].numpy()
-    z /= z.std()
-    yy, xx = np.ogrid[:height, :width]
-    body = ((yy - height / 2) / (0.42 * height)) ** 2 + ((xx - width / 2) / (0.46 * width)) ** 2 <= 1.0
-    truth = np.where(body[None], np.float32(-100.0) + np.float32(450.0) * z, np.float32(-1000.0))
-    del z
-    truth += rng.normal(0.0, 20.0, shape).astype(np.float32)
-    np.clip(truth, *HU_RANGE, out=truth)
+    texture = torch.nn.functional.interpolate(coarse[None, None], size=shape, mode="trilinear")[0, 0].numpy()
+    truth = hu + np.where(labels == 0, 0.0, 30.0 * texture).astype(np.float32)
+    del texture, hu
+    truth += rng.normal(0.0, 15.0, shape).astype(np.float32)
     np.save(data / "truth.npy", truth)
-    op = operator(depth)
-    np.save(data / "measured.npy", op.forward(truth))
+    np.save(data / "labels.npy", labels)
     for i in range(rungs):
-        pred = truth + rng.normal(5.0 * i, 30.0 + 15.0 * i, shape).astype(np.float32)
-        np.save(data / f"pred_{i}.npy", pred)
-    return {"body_fraction": float((truth > -500.0).mean()), "slabs": op.n_slabs}
+        np.save(data / f"pred_{i}.npy", truth + rng.normal(5.0 * i, 30.0 + 15.0 * i, shape).astype(np.float32))
+    return {"body_fraction": float((truth > -500.0).mean())}
 
 
-def worker(variant: str, data: Path, rungs: int) -> dict:
-    """Load the volumes, run one variant on every prediction, report seconds and peak RSS growth."""
+# ------------------------------------------------------------------------------------------ the worker
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(data: Path, rungs: int, device_name: str) -> dict:
     import numpy as np
-    import torch  # noqa: F401 (imported before the baseline RSS, as every variant needs it)
+    import torch
 
-    from ctdiff.metrics.image import TruthScorer
+    from ctdiff.metrics.image import TruthScorer, reconstruction_metrics
+    from ctdiff.metrics.structures import StructureTruth
 
+    device = torch.device(device_name)
+    on_gpu = device.type == "cuda"
     truth = np.load(data / "truth.npy")
+    labels = np.load(data / "labels.npy")
     preds = [np.load(data / f"pred_{i}.npy") for i in range(rungs)]
-    measured = np.load(data / "measured.npy") if variant.startswith("project") else None
-    op = operator(truth.shape[0])
-    rss_before, peak_before = _rss_mb(), _peak_mb()
-    started = time.perf_counter()
-    results: list = []
-    if variant == "metrics_old":
-        results = [old_reconstruction_metrics(p, truth, HU_RANGE) for p in preds]
-    elif variant == "metrics_new":
-        scorer = TruthScorer(truth, HU_RANGE)
-        results = [scorer.score(p) for p in preds]
-    elif variant in ("project_old", "project_new"):
-        for i, p in enumerate(preds):
-            out = old_project(op, p, measured) if variant == "project_old" else op.project(p, measured)
-            if i == 0:
-                np.save(data / f"{variant}.npy", out)  # compared by the parent
-            results.append(float(np.abs(op.forward(out) - measured).max()))
-            del out
-    else:
-        raise ValueError(f"unknown variant {variant!r}")
-    seconds = time.perf_counter() - started
-    peak = _peak_mb()
-    return {"variant": variant, "seconds": seconds, "rss_before_mb": rss_before, "peak_before_mb": peak_before,
-            "peak_mb": peak, "growth_mb": max(0.0, peak - rss_before), "results": results}
+    truth_t, pred_t = torch.from_numpy(truth).to(device), torch.from_numpy(preds[0]).to(device)
+    buffer = torch.empty_like(truth_t)
+    extra = {"device": device} if on_gpu else {}  # an older ctdiff without the argument scores on the CPU
+    steps: list[dict] = []
+    metrics: dict[str, dict] = {}
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def step(name: str, fn, *args):
+        can_reset = _reset_peak()
+        rss_kb = _status_kb("VmRSS")
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        sync()
+        seconds = time.perf_counter() - started
+        row = {"step": name, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_started,
+               "peak_growth_mb": max(0, _status_kb("VmHWM") - rss_kb) / 1024 if can_reset else math.nan}
+        if on_gpu:
+            row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        steps.append(row)
+        print(f"# {name}: {seconds:.2f} s ({row['cpu_seconds']:.2f} s CPU), peak growth {row['peak_growth_mb']:.0f} MB",
+              file=sys.stderr, flush=True)
+        return out
+
+    def bound():
+        for _ in range(BOUND_PASSES):
+            torch.sub(pred_t, truth_t, out=buffer)
+
+    torch.sub(pred_t, truth_t, out=buffer)  # the buffer paged in and the threads started before anything is timed
+    inputs_mb = _status_kb("VmRSS") / 1024
+    step("bound (before)", bound)
+    metrics["single call"] = step("single call", lambda: reconstruction_metrics(preds[0], truth, HU_RANGE, **extra))
+    scorer = step("truth preparation", lambda: TruthScorer(truth, HU_RANGE, **extra))
+
+    def rung(scorer, pred):
+        return scorer.score(torch.from_numpy(pred).to(device) if on_gpu else pred)  # on CUDA: moved there once
+
+    for i, pred in enumerate(preds):
+        metrics[f"rung {i}"] = step(f"rung {i}", rung, scorer, pred)
+    del scorer
+    structures = step("structure truth", lambda: StructureTruth.build(labels, CLASSES, truth, SPACING_MM, "APE",
+                                                                    lumen_ring_mm=5.0, defect_hu=175.0))
+    for i, pred in enumerate(preds):
+        metrics[f"structures {i}"] = step(f"structures {i}", structures.metrics, pred)
+    step("bound (after)", bound)
+    return {"steps": steps, "metrics": metrics, "threads": torch.get_num_threads(), "inputs_rss_mb": inputs_mb,
+            "peak_reset": _reset_peak(), "gpu": torch.cuda.get_device_name(device) if on_gpu else None}
 
 
 def run_child(*args: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"{args}: child failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{args}: child failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------------------------------ the parent
-def _prepare(root: Path, shape: tuple[int, int, int], rungs: int) -> tuple[Path, dict]:
-    data = root / "x".join(map(str, shape))
-    data.mkdir()
-    info = run_child("--generate", str(data), "--shape", *map(str, shape), "--rungs", str(rungs))
-    return data, info
+# ------------------------------------------------------------------------------------------ the table
+def table(result: dict, shape: tuple[int, int, int], rungs: int) -> list[str]:
+    steps = {s["step"]: s for s in result["steps"]}
+    bounds = [steps["bound (before)"], steps["bound (after)"]]
+    bound, bound_cpu = min(b["seconds"] for b in bounds), min(b["cpu_seconds"] for b in bounds)
+    structure_s = sum(steps[f"structures {i}"]["seconds"] for i in range(rungs))
+    rows = [("single call: 6 image metrics, truth prepared inside", steps["single call"]),
+            ("truth preparation (once per case)", steps["truth preparation"]),
+            *((f"rung {i}: 6 image metrics, truth prepared", steps[f"rung {i}"]) for i in range(rungs)),
+            ("structure truth (once per case)", steps["structure truth"]),
+            *((f"structure metrics, rung {i}", steps[f"structures {i}"]) for i in range(rungs))]
+    gpu = result["gpu"] is not None
+    lines = [f"| step ({' x '.join(map(str, shape))}) | seconds | x bound | CPU seconds | x bound (CPU) "
+             "| peak growth MB |" + (" GPU peak MB |" if gpu else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+    for name, s in rows:
+        lines.append(f"| {name} | {s['seconds']:.2f} | {s['seconds'] / bound:.1f}x | {s['cpu_seconds']:.2f} "
+                     f"| {s['cpu_seconds'] / bound_cpu:.1f}x | {s['peak_growth_mb']:.0f} |"
+                     + (f" {s.get('gpu_peak_mb', math.nan):.0f} |" if gpu else ""))
+    lines.append(f"| bound: {BOUND_PASSES} float32 passes over the two volumes (the faster of before/after: "
+                 + ", ".join(f"{b['seconds']:.2f} s ({b['cpu_seconds']:.2f} CPU)" for b in bounds)
+                 + f") | {bound:.2f} | 1.0x | {bound_cpu:.2f} | 1.0x | |" + (" |" if gpu else ""))
+    further = [steps[f"rung {i}"] for i in range(1, rungs)]
+    lines.append("")
+    lines.append(f"single call {steps['single call']['seconds'] / bound:.1f}x the bound "
+                 f"({steps['single call']['cpu_seconds'] / bound_cpu:.1f}x in CPU seconds; goal <= 5x); further rungs "
+                 + ", ".join(f"{r['seconds'] / bound:.1f}x ({r['cpu_seconds'] / bound_cpu:.1f}x)" for r in further)
+                 + f" (goal <= 3x each); structure metrics {structure_s / max(rungs, 1):.2f} s per rung; resident "
+                 f"before the steps (the inputs, the bound's buffer): {result['inputs_rss_mb']:.0f} MB")
+    return lines
+
+
+def _machine() -> str:
+    import numpy as np
+    import psutil
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if cpuinfo.exists() else platform.processor()
+    return (f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GB, load average "
+            f"{os.getloadavg()[0]:.1f}, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy "
+            f"{np.__version__}, python {platform.python_version()}")
+
+
+def _largest_differences(metrics: dict, against: dict) -> dict[str, float]:
+    worst: dict[str, float] = {}
+    for key, values in metrics.items():
+        for name, value in values.items():
+            if key in against and name in against[key]:
+                worst[name] = max(worst.get(name, 0.0), abs(value - against[key][name]))
+    return worst
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs=3, type=int, default=[300, 512, 512], metavar=("D", "H", "W"))
-    parser.add_argument("--rungs", type=int, default=2, help="predictions scored against the one truth")
-    parser.add_argument("--old-shape", nargs=3, type=int, metavar=("D", "H", "W"),
-                        help="run the old paths at this shape instead (default: --shape, or half its depth "
-                             "when the old image metrics could need more than 14 GB or the free memory)")
+    parser.add_argument("--rungs", type=int, default=3, help="predictions scored against the one truth")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the scorer's device)")
+    parser.add_argument("--json", type=Path, help="write every number and metric here")
+    parser.add_argument("--against", type=Path, help="a --json file of another run: print the largest differences")
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = tuple(args.shape)
     if args.generate:
         print(json.dumps(generate(Path(args.generate), shape, args.rungs)))
         return 0
     if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.data), args.rungs)))
+        print(json.dumps(worker(Path(args.worker), args.rungs, args.device)))
         return 0
+    if args.rungs < 1:
+        parser.error("--rungs must be >= 1")
 
-    import numpy as np
-    import psutil
-    import torch
+    import ctdiff.metrics.image
 
-    available = psutil.virtual_memory().available
-    old_shape = tuple(args.old_shape) if args.old_shape else shape
-    if not args.old_shape and math.prod(shape) * OLD_BYTES_PER_VOXEL > min(OLD_LIMIT_BYTES, 0.7 * available):
-        old_shape = (max(11, shape[0] // 2), *shape[1:])
-        print(f"# old paths at {old_shape}: at {shape} they could need more than "
-              f"{min(OLD_LIMIT_BYTES, 0.7 * available) / 2**30:.1f} GB")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    print(f"# {os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GB "
-          f"({available / 2**30:.0f} GB available), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"numpy {np.__version__}, python {platform.python_version()}")
+    machine = _machine()
+    print(f"# {machine}")
+    print(f"# ctdiff.metrics.image from {Path(ctdiff.metrics.image.__file__).parent}")
     root = Path(tempfile.mkdtemp(prefix="bench_metrics_"))
     started = time.perf_counter()
     try:
-        data, info = _prepare(root, shape, args.rungs)
-        old_data = data if old_shape == shape else _prepare(root, old_shape, args.rungs)[0]
-        print(f"# truth {'x'.join(map(str, shape))}: body fraction {info['body_fraction']:.2f}, "
-              f"{info['slabs']} slabs of {SLAB_MM:g} mm; {args.rungs} predictions", flush=True)
-        runs = {}
-        for variant in ("metrics_old", "metrics_new", "project_old", "project_new"):
-            where = old_data if variant.endswith("_old") else data
-            runs[variant] = run_child("--worker", variant, "--data", str(where), "--rungs", str(args.rungs))
-            r = runs[variant]
-            print(f"# {variant}: {r['seconds']:.1f} s, RSS before {r['rss_before_mb']:.0f} MB, peak "
-                  f"{r['peak_mb']:.0f} MB (peak before {r['peak_before_mb']:.0f} MB)", flush=True)
-        print()
-        print(f"| computation ({args.rungs} predictions) | volume old | volume new | old s | new s | old/new time "
-              "| old peak growth MB | new peak growth MB | old/new memory |")
-        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-        for name, old, new in (("image metrics (6 of METRIC_NAMES)", "metrics_old", "metrics_new"),
-                               ("slab projection", "project_old", "project_new")):
-            o, n = runs[old], runs[new]
-            print(f"| {name} | {'x'.join(map(str, old_shape))} | {'x'.join(map(str, shape))} | {o['seconds']:.1f} "
-                  f"| {n['seconds']:.1f} | {o['seconds'] / n['seconds']:.2f}x | {o['growth_mb']:.0f} "
-                  f"| {n['growth_mb']:.0f} | {o['growth_mb'] / max(n['growth_mb'], 1.0):.1f}x |")
-        print()
-        if old_shape == shape:
-            diffs = {k: max(abs(a[k] - b[k]) for a, b in zip(runs["metrics_old"]["results"],
-                                                              runs["metrics_new"]["results"]))
-                     for k in runs["metrics_new"]["results"][0]}
-            print("# image metrics, largest |old - new| over the predictions: "
-                  + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-            old_p = np.load(data / "project_old.npy", mmap_mode="r")
-            new_p = np.load(data / "project_new.npy", mmap_mode="r")
-            step = max(1, old_p.shape[0] // 8)
-            diff = max(float(np.abs(old_p[i:i + step] - new_p[i:i + step]).max())
-                       for i in range(0, old_p.shape[0], step))
-            print(f"# slab projection, largest |old - new| over the first prediction: {diff:.2e} HU")
-        else:
-            print("# old and new ran on different volumes: results not compared (tests/test_metrics.py does)")
-        print("# image metrics, new: " + json.dumps({k: round(v, 4) for k, v in
-                                                      runs["metrics_new"]["results"][0].items()}))
-        print(f"# slab projection, largest |A P' - m| (new): {max(runs['project_new']['results']):.2e} HU")
+        info = run_child("--generate", str(root), "--shape", *map(str, shape), "--rungs", str(args.rungs))
+        print(f"# truth {' x '.join(map(str, shape))}: body fraction {info['body_fraction']:.2f}; "
+              f"{args.rungs} predictions", flush=True)
+        result = run_child("--worker", str(root), "--shape", *map(str, shape), "--rungs", str(args.rungs),
+                           "--device", args.device)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"# total wall time {time.perf_counter() - started:.0f} s (including data generation and one "
-          "interpreter per variant)")
+    if not result["peak_reset"]:
+        print("# /proc/self/clear_refs is not writable here: peak growth not measured")
+    lines = [f"`python benchmarks/bench_metrics.py --shape {' '.join(map(str, shape))} --rungs {args.rungs}"
+             f"{'' if args.device == 'cpu' else ' --device ' + args.device}`", "",
+             f"{machine}; worker {result['threads']} threads{', ' + result['gpu'] if result['gpu'] else ''}", "",
+             *table(result, shape, args.rungs)]
+    image = result["metrics"]["rung 0"]
+    lines.append("image metrics of rung 0: " + ", ".join(f"{k} {v:.6g}" for k, v in image.items()))
+    single = _largest_differences({"rung 0": result["metrics"]["single call"]}, result["metrics"])
+    lines.append("single call vs rung 0 (same prediction), largest |difference|: "
+                 + ", ".join(f"{k} {v:.1e}" for k, v in single.items()))
+    if args.against:
+        worst = _largest_differences(result["metrics"], json.loads(args.against.read_text())["metrics"])
+        lines.append(f"largest |difference| to {args.against.name}: "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    print()
+    print("\n".join(lines))
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out = OUT_DIR / f"{'x'.join(map(str, shape))}-{args.device}.md"
+    out.write_text("\n".join(lines) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"shape": shape, "machine": machine, **result}, indent=1))
+    print(f"# written to {out}; total wall time {time.perf_counter() - started:.0f} s")
     return 0
 
 

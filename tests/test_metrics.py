@@ -154,13 +154,13 @@ def _smooth_volume(shape, seed):
     return (-350.0 + 700.0 * smooth).numpy()
 
 
-def _assert_close(got, want):
+def _assert_close(got, want, ssim_tol=1e-5):
     assert list(got) == list(METRIC_NAMES) == list(want)
     for name in METRIC_NAMES:
         if math.isnan(want[name]):
             assert math.isnan(got[name]), name
         else:
-            tol = 1e-3 if name.startswith("mae_hu") else 1e-5  # HU; dB and SSIM
+            tol = 1e-3 if name.startswith("mae_hu") else ssim_tol if name.startswith("ssim") else 1e-5  # HU; dB
             assert got[name] == pytest.approx(want[name], abs=tol), name
 
 
@@ -219,3 +219,203 @@ def test_body_mask_in_slabs_equals_the_whole_volume_closing(monkeypatch):
         for depth in (1, 4, 50):
             monkeypatch.setattr(image, "BODY_SLAB_DEPTH", depth)
             assert torch.equal(body_mask(hu, closing_voxels=closing), whole)
+
+
+# ---------------------------------------------------------------- hand-written SSIM and closing vs MONAI
+
+
+def _ct_like(shape, seed):
+    """A CT-like volume in HU: air (some of it below -1000, clipped), a body of soft tissue (40 HU) with a
+    lung (-850 HU), a bone (700 HU) and a bright vessel, smooth texture and 15 HU noise. Its flat bright
+    regions are where float32 cancellation in E[x^2] - E[x]^2 shows."""
+    d, h, w = shape
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[(y / 0.8) ** 2 + (x / 0.85) ** 2 <= 1] = 40.0
+    hu[((y + 0.1) / 0.45) ** 2 + ((x - 0.35) / 0.3) ** 2 <= 1] = -850.0
+    hu[((y - 0.55) / 0.15) ** 2 + (x / 0.15) ** 2 <= 1] = 700.0
+    hu[(y + 0.1 - 0.1 * z) ** 2 + (x + 0.35) ** 2 <= 0.02] = 300.0
+    hu += np.where(hu > -1000, 40.0 * _smooth_volume(shape, seed) / 700.0, 0.0).astype(np.float32)
+    return hu + rng.normal(0.0, 15.0, shape).astype(np.float32)
+
+
+def _monai_map(pred01, truth01):
+    window = [min(11, s if s % 2 else s - 1) for s in truth01.shape]
+    return compute_ssim_and_cs(pred01[None, None], truth01[None, None], spatial_dims=3, kernel_size=window,
+                               kernel_sigma=[1.5] * 3, data_range=1.0)[0][0, 0]
+
+
+def _float64_map(pred01, truth01):
+    """MONAI's SSIM map (its window, its formula) in float64, the window normalised in float64: what both
+    float32 computations approximate."""
+    window = [min(11, s if s % 2 else s - 1) for s in truth01.shape]
+    gauss = []
+    for k in window:
+        dist = torch.arange(start=(1 - k) / 2, end=(1 + k) / 2, step=1, dtype=torch.float64)
+        g = torch.exp(-((dist / 1.5) ** 2) / 2)
+        gauss.append(g / g.sum())
+    kernel = torch.einsum("i,j,k->ijk", *gauss)[None, None]
+
+    def mean(v):
+        return torch.nn.functional.conv3d(v[None, None].double(), kernel)[0, 0]
+
+    x, y = pred01.double(), truth01.double()
+    mx, my, sx, sy, sxy = mean(x), mean(y), mean(x * x), mean(y * y), mean(x * y)
+    sx, sy, sxy = sx - mx * mx, sy - my * my, sxy - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mx * my + c1) / (mx**2 + my**2 + c1)) * ((2 * sxy + c2) / (sx + sy + c2))
+
+
+@pytest.mark.parametrize("shape", [(16, 20, 24), (5, 24, 24), (3, 7, 9), (12, 10, 13), (11, 4, 30), (14, 3, 3)])
+def test_separable_ssim_map_equals_monai_on_random_volumes(shape):
+    """Every window size MONAI would use (11, and the shrunk odd windows of short axes), voxel by voxel: the
+    separable map is within float32 rounding of the float64 value, and of MONAI's own float32 map (which
+    strays up to about 1e-5 from float64 on these volumes)."""
+    truth_hu = _smooth_volume(shape, seed=7)
+    truth01 = to_x01(truth_hu, HU_RANGE)
+    pred01 = to_x01(truth_hu + np.random.default_rng(8).normal(0.0, 80.0, shape), HU_RANGE)
+    want, exact = _monai_map(pred01, truth01), _float64_map(pred01, truth01)
+    got = image.ssim_map(pred01, truth01, slab_depth=3)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert float((got.double() - exact).abs().max()) < 5e-6
+    assert float((got - want).abs().max()) < 2e-5
+    assert ssim(pred01, truth01) == pytest.approx(float(want.double().mean()), abs=2e-6)
+    assert ssim(pred01, truth01) == pytest.approx(float(exact.mean()), abs=5e-7)
+    mask = body_mask(truth_hu)
+    centres = mask[tuple(slice(k // 2, n - k // 2) for k, n in zip([min(11, s if s % 2 else s - 1)
+                                                                      for s in shape], shape))]
+    if centres.any():
+        assert ssim(pred01, truth01, mask) == pytest.approx(float(want[centres].double().mean()), abs=2e-6)
+        assert ssim(pred01, truth01, mask) == pytest.approx(float(exact[centres].mean()), abs=5e-7)
+
+
+def test_ssim_equals_monai_ssim_metric():
+    from monai.metrics import SSIMMetric
+
+    truth01 = to_x01(_ct_like((24, 40, 36), seed=1), HU_RANGE)
+    pred01 = to_x01(_ct_like((24, 40, 36), seed=2), HU_RANGE)
+    metric = SSIMMetric(spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5)
+    want = float(metric(pred01[None, None], truth01[None, None]).item())
+    assert ssim(pred01, truth01) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ssim_on_ct_like_volumes_is_monai_to_float32_rounding(seed):
+    """On CT-like volumes MONAI's float32 map itself strays from the float64 value: over flat bright tissue
+    E[x^2] - E[x]^2 cancels, and its window, normalised in float32, sums to 1 - 1.4e-7, which inflates every
+    local variance by ~1.4e-7 E[x]^2 and the mean SSIM by ~1e-5. The separable map's taps sum to 1, and its
+    mean stays within 3e-7 of float64. So each is compared with float64 at its own rounding, and with each
+    other at MONAI's."""
+    truth_hu = _ct_like((30, 64, 64), seed)
+    pred_hu = truth_hu + np.random.default_rng(seed + 10).normal(10.0, 40.0, truth_hu.shape).astype(np.float32)
+    truth01, pred01 = to_x01(truth_hu, HU_RANGE), to_x01(pred_hu, HU_RANGE)
+    exact, monai_map, got = _float64_map(pred01, truth01), _monai_map(pred01, truth01), image.ssim_map(pred01, truth01)
+    mask = body_mask(truth_hu)
+    centres = mask[5:-5, 5:-5, 5:-5]
+    assert 0.2 < float(centres.float().mean()) < 0.9
+    # Voxel by voxel the float32 formula loses digits to cancellation in flat bright tissue (both maps do);
+    # the means, which are what is reported, keep them.
+    assert float((got.double() - exact).abs().max()) < 3e-4
+    assert float((monai_map.double() - exact).abs().max()) < 3e-3
+    assert float(got.double().mean()) == pytest.approx(float(exact.mean()), abs=3e-7)
+    assert ssim(pred01, truth01, mask) == pytest.approx(float(exact[centres].mean()), abs=3e-7)
+    assert float(monai_map.double().mean()) == pytest.approx(float(exact.mean()), abs=1e-4)
+    assert ssim(pred01, truth01, mask) == pytest.approx(float(monai_map[centres].double().mean()), abs=2e-4)
+    # The scorer (slabs, the truth's maps kept) gives the same numbers.
+    scored = TruthScorer(truth_hu, HU_RANGE, ssim_slab_depth=7).score(pred_hu)
+    assert scored["ssim"] == pytest.approx(float(exact.mean()), abs=3e-7)
+    assert scored["ssim_body"] == pytest.approx(float(exact[centres].mean()), abs=3e-7)
+
+
+def test_the_window_taps_are_monai_s_summing_to_one():
+    from monai.metrics.regression import _gaussian_kernel
+
+    for size in (3, 5, 7, 9, 11):
+        taps = image._gaussian_1d(size)
+        monai_taps = _gaussian_kernel(2, 1, [size, 1], [1.5, 1.5])[0, 0, :, 0]
+        assert taps.dtype == torch.float32 and torch.allclose(taps, monai_taps, rtol=1e-6, atol=1e-8)
+        assert abs(float(taps.double().sum()) - 1.0) < 1e-9
+    assert float(monai_taps.double().sum()) - 1.0 < -1e-8  # the 11 taps normalised in float32: what is fixed
+
+
+@pytest.mark.parametrize("closing", [1, 3, 5])
+def test_boolean_closing_equals_monai_erode_of_dilate(closing):
+    for shape in [(23, 40, 36), (4, 9, 9), (1, 12, 12)]:
+        hu = _ct_like(shape, seed=3)
+        hu[::3, ::4, ::5] = -900.0  # one-voxel holes for the closing to bridge
+        raw = (torch.as_tensor(hu) > -500.0).float()[None, None]
+        want = erode(dilate(raw, closing), closing)[0, 0] > 0.5
+        assert torch.equal(body_mask(hu, closing_voxels=closing), want)
+    flat = _ct_like((1, 30, 30), seed=4)[0]  # a 2-D image: MONAI's 2-D morphology
+    want = erode(dilate((torch.as_tensor(flat) > -500.0).float()[None, None], 3), 3)[0, 0] > 0.5
+    assert torch.equal(body_mask(flat), want)
+    with pytest.raises(ValueError, match="odd"):
+        body_mask(flat, closing_voxels=4)
+
+
+def test_psnr_is_monai_psnr_metric():
+    truth01 = to_x01(_ct_like((10, 20, 20), seed=5), HU_RANGE)
+    pred01 = to_x01(_ct_like((10, 20, 20), seed=6), HU_RANGE)
+    mask = body_mask(_ct_like((10, 20, 20), seed=5))
+    for m in (None, mask):
+        p, t = (pred01, truth01) if m is None else (pred01[m], truth01[m])
+        want = float(PSNRMetric(max_val=1.0)(p.reshape(1, 1, -1), t.reshape(1, 1, -1)).item())
+        assert image.psnr(pred01, truth01, m) == pytest.approx(want, abs=1e-4)
+    assert image.psnr(truth01, truth01) == PSNR_CAP_DB
+    assert math.isnan(image.psnr(pred01, truth01, torch.zeros_like(mask)))
+    assert image.psnr_of_mse(1e-4) == pytest.approx(40.0)
+
+
+def test_the_scorer_reads_any_array_kind_alike(tmp_path):
+    """int16 memory-mapped (read-only) volumes, tensors and float64 arrays score as the float32 arrays do."""
+    truth = np.round(_ct_like((20, 24, 28), seed=8))
+    pred = np.round(truth + np.random.default_rng(9).normal(0.0, 50.0, truth.shape))
+    want = TruthScorer(truth.astype(np.float32), HU_RANGE).score(pred.astype(np.float32))
+    np.save(tmp_path / "truth.npy", truth.astype(np.int16))
+    np.save(tmp_path / "pred.npy", pred.astype(np.int16))
+    mapped = [np.load(tmp_path / f"{name}.npy", mmap_mode="r") for name in ("truth", "pred")]
+    for t, p in [mapped, (torch.from_numpy(truth.astype(np.float32)), torch.from_numpy(pred.astype(np.float32))),
+                 (truth, pred)]:
+        scorer = TruthScorer(t, HU_RANGE, ssim_slab_depth=4)
+        assert scorer.score(p) == pytest.approx(want, rel=1e-6)
+    assert image.mean_abs01(pred, scorer) == pytest.approx(want["mae_hu"] / 2000.0, rel=1e-6)
+    assert torch.equal(scorer.x01(slice(3, 5)), to_x01(truth[3:5], HU_RANGE))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_scorer_scores_on_the_gpu_as_on_the_cpu():
+    truth = _ct_like((30, 64, 64), seed=11)
+    preds = [truth + np.random.default_rng(12).normal(0.0, 40.0, truth.shape).astype(np.float32), truth + 25.0]
+    cpu = TruthScorer(truth, HU_RANGE)
+    gpu = TruthScorer(truth, HU_RANGE, device="cuda")
+    assert gpu.mask.is_cuda and gpu.mu_y.is_cuda and torch.equal(gpu.mask.cpu(), cpu.mask)
+    for pred in preds:
+        want = cpu.score(pred)
+        for given in (pred, torch.from_numpy(pred).cuda()):
+            assert gpu.score(given) == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert TruthScorer(torch.from_numpy(truth).cuda(), HU_RANGE).device.type == "cuda"
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed for the process: the scorer still works in float32
+    try:
+        single = reconstruction_metrics(preds[0], truth, HU_RANGE, device="cuda")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert single == pytest.approx(cpu.score(preds[0]), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 40])
+def test_workers_and_kept_maps_do_not_change_the_numbers(monkeypatch, workers):
+    """The map rows split between worker threads (each slice's errors counted by one of them), and the truth's
+    maps kept or computed inside score, give the whole-volume numbers."""
+    monkeypatch.setattr(image, "_workers", lambda device: workers)
+    threads = torch.get_num_threads()
+    truth = _ct_like((30, 40, 36), seed=13)
+    pred = truth + np.random.default_rng(14).normal(0.0, 40.0, truth.shape).astype(np.float32)
+    want, mask = _whole_volume_metrics(pred, truth, HU_RANGE)
+    for keep_maps in (True, False):
+        scorer = TruthScorer(truth, HU_RANGE, ssim_slab_depth=4, keep_maps=keep_maps)
+        assert torch.equal(scorer.mask, mask) and (scorer.mu_y is not None) == keep_maps
+        _assert_close(scorer.score(pred), want, ssim_tol=1e-4)  # MONAI's own float32 error here (see above)
+    assert torch.get_num_threads() == threads  # the workers' single intra-op thread was the caller's again

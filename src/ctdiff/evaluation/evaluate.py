@@ -103,7 +103,8 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
     """Score every rung against the truth, keep the panel's planes, write the prediction's NIfTI to ``preds``;
     with ``calibration``, also the calibrated intervals' coverage of the prediction."""
     truth = case.load("target")
-    scorer = TruthScorer(truth, params.hu_range)  # the truth's [0, 1] copy and body mask, once per case
+    # The truth's body mask and SSIM maps, once per case, on the stage's device (each rung moves there once).
+    scorer = TruthScorer(truth, params.hu_range, device=pick_device(params.device))
     structures = case_structures(case, truth, params)
     through = embolus_plane(structures) or (truth.shape[0] // 2, truth.shape[1] // 2)
     result = CaseResult(case.case_id, case.category, case.spacing_mm, seconds, slabs, through,
@@ -118,7 +119,7 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
             result.error = cut_planes(np.abs(volume - truth.astype(np.float32)), through)
             spread = ladder.inputs.model_spread
             if spread is not None:  # several draws: how well their spread ranks and covers the error
-                mask = scorer.mask.numpy()
+                mask = scorer.mask.cpu().numpy()
                 result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.hu_range, mask))
                 if calibration is not None:
                     result.scores[rung.name].update(calibrated_metrics(volume, spread, truth, params.hu_range,
