@@ -69,20 +69,32 @@ def workspace(tmp_path_factory):
     return root, params, manifest
 
 
-def test_vae_fit_passes_a_vae_that_learned_and_stops_one_that_did_not(workspace, tmp_path):
+def test_vae_fit_passes_a_vae_that_learned_and_stops_one_that_did_not(workspace, tmp_path, capsys):
     root, params, manifest = workspace
-    assert manifest["files"]  # the healthy VAE above was written: it beat every case's best constant by 3 dB
+    assert manifest["files"] and "retried" not in manifest["weights"]  # healthy at once: beat every constant by 3 dB
     broken = with_overrides(params, {"vae.scratch_epochs": 1, "vae.scratch_lr": 1e-9})
     with pytest.raises(Unhealthy) as failed:
         fit_vae(broken, root / "data" / "processed", root / "models" / "pretrained", tmp_path / "vae")
+    assert "training again from seed 1000" in capsys.readouterr().out  # retried once, then stopped
     line = str(failed.value)
-    assert "\n" not in line and "case_000" in line and "vae.accept_unhealthy=true" in line
+    assert "\n" not in line and "case_00" in line and "vae.accept_unhealthy=true" in line
     numbers = [float(w) for w in line.replace("(", " ").split() if w.replace(".", "").isdigit() and "." in w]
     assert len(numbers) >= 2 and numbers[0] < numbers[1] + 3.0  # the VAE's psnr_body, then the constant's
     assert not (tmp_path / "vae").exists()  # nothing written: it never reaches the rest of the pipeline
     accepted = with_overrides(broken, {"vae.accept_unhealthy": True})
     fit_vae(accepted, root / "data" / "processed", root / "models" / "pretrained", tmp_path / "vae")
     assert (tmp_path / "vae" / "manifest.json").is_file()
+
+
+def test_a_scratch_vae_that_fails_is_retried_with_the_encoder_as_built(workspace, tmp_path):
+    """A start that drowns the latents in noise (logvar 10: sigma 150) learns nothing; the retry, from the next seed
+    with the encoder as built, learns, and the manifest says what happened."""
+    root, params, _ = workspace
+    drowned = with_overrides(params, {"vae.logvar_init": 10.0})
+    manifest = fit_vae(drowned, root / "data" / "processed", root / "models" / "pretrained", tmp_path / "vae")
+    retried = manifest["weights"]["retried"]
+    assert retried["seed"] == 1000 and retried["logvar_init"] is None
+    assert retried["first_attempt"]["min_gain_over_mean_db"] < 3.0
 
 
 def broken_copy(vae_dir: Path, out: Path, part: str) -> Path:

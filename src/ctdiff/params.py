@@ -306,6 +306,7 @@ class VaeParams:
     logvar_init: float | None  # scratch: the encoder's log-variance output starts at this constant
     health_cases: int  # train volumes round-tripped after training, against their trivial codes
     min_gain_db: float  # the round trip must beat each volume's mean code by this much (psnr_body)
+    retry_unhealthy: bool  # scratch: a VAE no better than that is trained once more (next seed, encoder as built)
     accept_unhealthy: bool  # true: a VAE no better than that is reported, not fatal
     hub_timeout_s: float  # reachability check before a download; offline fails this fast
     maisi: MaisiParams

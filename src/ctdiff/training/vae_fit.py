@@ -8,9 +8,11 @@ writes carries what every later stage needs to load and run the codec (:func:`ct
 No latent scale factor here: the train stage computes it from the latents it encodes anyway.
 
 A VAE that trained is checked before anything is written (:func:`check_health`, :mod:`ctdiff.metrics.health`):
-``vae.health_cases`` train volumes round-tripped must each beat their own mean code by ``vae.min_gain_db``, else
-the stage fails with one line (``vae.accept_unhealthy`` writes it anyway), so a collapsed VAE never reaches
-the rest of the pipeline.
+``vae.health_cases`` train volumes round-tripped must each beat their own best constant by ``vae.min_gain_db``.
+A scratch VAE that fails is trained once more from another start (``vae.retry_unhealthy``: the next seed and
+the encoder as built, ``logvar_init`` off, since a collapse was seen with the nearly deterministic start); one
+that fails again stops the stage with one line (``vae.accept_unhealthy`` writes it anyway), so a collapsed VAE
+never reaches the rest of the pipeline. The manifest says whether a retry was needed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ctdiff.params import Params
 from ctdiff.training.scaffold import warmup_cosine
 
 FINAL_LR_FRACTION = 0.05
+RETRY_SEED_OFFSET = 1000  # a retried scratch VAE starts from train_seed + this (apart from the other seeds' starts)
 EpochLog = Callable[[int, dict[str, float]], None]
 
 
@@ -143,29 +146,37 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         if epochs:
             weights = {"origin": "finetuned", "epochs": epochs, "base": weights}
     else:
-        # Seeded here, not only in train_codec: torch starts every process from a random seed, so the
-        # initial weights (and with them the whole stage's output) differed from run to run.
-        set_determinism(params.train_seed)
-        codec = new_codec(vae, params.hu_range, scratch_config(vae), device)
-        if vae.logvar_init is not None:
-            init_logvar(codec, vae.logvar_init)
+        codec = scratch_codec(params, params.train_seed, vae.logvar_init, device)
         epochs, lr = vae.scratch_epochs, vae.scratch_lr
         weights = {"origin": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
 
     train = split_cases(processed_dir, "train")
     patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
     started = time.perf_counter()
-    history = train_codec(codec, train, patch, epochs, lr, vae.patches_per_volume, vae.batch_size,
-                          vae.kl_weight, params.train_seed, _live_logger(live), vae.recon_loss, vae.warmup_steps,
-                          vae.body_crops) if epochs else []
-    train_seconds = time.perf_counter() - started
-    if history and not math.isfinite(history[-1]["loss"]):
-        raise WeightsError(f"vae_fit: the last epoch's loss is {history[-1]['loss']}: the VAE diverged; lower "
-                           f"vae.scratch_lr / vae.finetune_lr")
-    health = check_health(codec, train[:vae.health_cases], params) if epochs else []
-    verdict = codec_verdict(health, vae.min_gain_db, "vae.accept_unhealthy") if health else None
+
+    def fit(codec: LatentCodec, seed: int) -> tuple[list[dict[str, float]], list[CodecCheck], str | None]:
+        """(per-epoch losses, the health checks, their one-line verdict or None) of one training."""
+        history = train_codec(codec, train, patch, epochs, lr, vae.patches_per_volume, vae.batch_size,
+                              vae.kl_weight, seed, _live_logger(live), vae.recon_loss, vae.warmup_steps,
+                              vae.body_crops)
+        if history and not math.isfinite(history[-1]["loss"]):
+            raise WeightsError(f"vae_fit: the last epoch's loss is {history[-1]['loss']}: the VAE diverged; lower "
+                               f"vae.scratch_lr / vae.finetune_lr")
+        checks = check_health(codec, train[:vae.health_cases], params)
+        return history, checks, codec_verdict(checks, vae.min_gain_db, "vae.accept_unhealthy")
+
+    history, health, verdict = fit(codec, params.train_seed) if epochs else ([], [], None)
+    if verdict and not vae.pretrained and vae.retry_unhealthy:
+        retry_seed = params.train_seed + RETRY_SEED_OFFSET
+        print(f"vae_fit: {verdict.split('; set')[0]}; training again from seed {retry_seed} with the encoder as built "
+              f"(vae.retry_unhealthy)")
+        weights = {**weights, "retried": {"seed": retry_seed, "logvar_init": None, "first_attempt":
+                                          summarise_checks(health)}}
+        codec = scratch_codec(params, retry_seed, None, device)
+        history, health, verdict = fit(codec, retry_seed)
     if verdict and not vae.accept_unhealthy:
         raise Unhealthy(verdict)
+    train_seconds = time.perf_counter() - started
 
     with atomic_dir(out_dir) as tmp:
         if epochs:
@@ -183,6 +194,17 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
             live.summary["health"] = {"cases": [c.case_id for c in health], **summarise_checks(health),
                                       "vae_psnr_body": float(sum(c.vae for c in health) / len(health))}
     return manifest
+
+
+def scratch_codec(params: Params, seed: int, logvar_init: float | None, device: torch.device | str) -> LatentCodec:
+    """A new codec of the params' family and scratch width, initialised from ``seed``."""
+    # Seeded here, not only in train_codec: torch starts every process from a random seed, so the initial
+    # weights (and with them the whole stage's output) differed from run to run.
+    set_determinism(seed)
+    codec = new_codec(params.vae, params.hu_range, scratch_config(params.vae), device)
+    if logvar_init is not None:
+        init_logvar(codec, logvar_init)
+    return codec
 
 
 def check_health(codec: LatentCodec, cases: Sequence[Case], params: Params) -> list[CodecCheck]:
