@@ -50,7 +50,7 @@ class Grid:
         )
 
     def to_meta(self) -> dict:
-        """The ``grid`` entry of ``meta.json`` (DESIGN.md contract)."""
+        """The ``grid`` entry of ``meta.json`` (docs/data-format.md)."""
         return {
             "shape": list(self.shape),
             "spacing": [round(v, 6) for v in self.spacing_mm],

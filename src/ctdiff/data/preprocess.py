@@ -1,4 +1,4 @@
-"""raw case zips -> ``data/processed/`` (DESIGN.md contract).
+"""raw case zips -> ``data/processed/`` (the format of docs/data-format.md).
 
 Per case: read both DICOM series from the zip (:mod:`ctdiff.data.dicom`), define the common grid from
 series 2 (restricted to the slices series 1 physically covers, optionally respaced and cropped/padded),
@@ -48,7 +48,7 @@ class CaseInput:
 
 
 @dataclass
-class CaseResult:
+class CaseOutcome:
     case_id: str
     category: str
     status: str  # "ok" | "rejected"
@@ -62,13 +62,13 @@ class CaseResult:
 
 
 # ------------------------------------------------------------------------------------------ discovery
-def find_cases(raw_dir: Path) -> tuple[list[CaseInput], list[CaseResult]]:
+def find_cases(raw_dir: Path) -> tuple[list[CaseInput], list[CaseOutcome]]:
     """All ``*.zip`` under ``raw_dir``; category = the folder under ``raw_dir`` (``APE``, ``non-APE``).
 
     Returns the cases to process and rejections found already here (duplicate case ids).
     """
     inputs: list[CaseInput] = []
-    rejected: list[CaseResult] = []
+    rejected: list[CaseOutcome] = []
     seen: dict[str, Path] = {}
     for zip_path in sorted(raw_dir.rglob("*.zip"), key=lambda p: p.relative_to(raw_dir).as_posix()):
         if any(part.startswith(".") for part in zip_path.relative_to(raw_dir).parts):
@@ -77,7 +77,7 @@ def find_cases(raw_dir: Path) -> tuple[list[CaseInput], list[CaseResult]]:
         category = rel.parts[0] if len(rel.parts) > 1 else "unknown"
         case_id = zip_path.stem
         if case_id in seen:
-            rejected.append(CaseResult(case_id, category, "rejected",
+            rejected.append(CaseOutcome(case_id, category, "rejected",
                                        f"duplicate case id: also in {seen[case_id].relative_to(raw_dir).parent}"))
             continue
         seen[case_id] = zip_path
@@ -124,7 +124,7 @@ def common_grid(series1: Grid, series2: Grid, p: PreprocessParams) -> tuple[Grid
     return grid, warnings
 
 
-def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprint: str) -> CaseResult:
+def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprint: str) -> CaseOutcome:
     """Read, check, resample and write one case to ``out_dir/<case_id>/`` (atomically).
 
     ``meta.json`` gets ``split`` later, once all cases are known (:func:`write_splits`).
@@ -138,9 +138,9 @@ def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprin
         target_hu = s2.hu if grid == s2.grid else resample(s2.hu, s2.grid, grid, "linear")
         source_hu = resample(s1.hu, s1.grid, grid, p.interpolator)
     except CaseRejected as exc:
-        return CaseResult(case.case_id, case.category, "rejected", str(exc))
+        return CaseOutcome(case.case_id, case.category, "rejected", str(exc))
     except MemoryError:
-        return CaseResult(case.case_id, case.category, "rejected", "out of memory while reading the case")
+        return CaseOutcome(case.case_id, case.category, "rejected", "out of memory while reading the case")
 
     meta = {
         "case_id": case.case_id,
@@ -176,7 +176,7 @@ def process_case(case: CaseInput, out_dir: Path, p: PreprocessParams, fingerprin
         if labels is not None:  # structure truth on the common grid (nearest neighbour, same crop)
             atomic_save_npy(tmp / "labels.npy", labels)
         atomic_write_json(tmp / "meta.json", meta)
-    return CaseResult(case.case_id, case.category, "ok", "", meta["warnings"])
+    return CaseOutcome(case.case_id, case.category, "ok", "", meta["warnings"])
 
 
 def same_geometry(a: Grid, b: Grid, tol_mm: float = 1e-2) -> bool:
@@ -195,7 +195,7 @@ def _series_summary(series: Series) -> dict:
     }
 
 
-def _reusable(case_dir: Path, fingerprint: str) -> CaseResult | None:
+def _reusable(case_dir: Path, fingerprint: str) -> CaseOutcome | None:
     """The finished result already on disk for this fingerprint, if any (resume after a kill)."""
     meta_path = case_dir / "meta.json"
     if not (meta_path.is_file() and (case_dir / "source.npy").is_file() and (case_dir / "target.npy").is_file()):
@@ -206,17 +206,17 @@ def _reusable(case_dir: Path, fingerprint: str) -> CaseResult | None:
         return None
     if meta.get("fingerprint") != fingerprint:
         return None
-    return CaseResult(meta["case_id"], meta["category"], "ok", "", list(meta.get("warnings", [])), reused=True)
+    return CaseOutcome(meta["case_id"], meta["category"], "ok", "", list(meta.get("warnings", [])), reused=True)
 
 
-def _run_case(args: tuple[CaseInput, Path, PreprocessParams, str, int]) -> CaseResult:
+def _run_case(args: tuple[CaseInput, Path, PreprocessParams, str, int]) -> CaseOutcome:
     case, out_dir, p, fingerprint, itk_threads = args
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
     try:
         return process_case(case, out_dir, p, fingerprint)
     except Exception as exc:  # one broken case must never stop the others
         # The type and message only: tracebacks of DICOM parsers can quote header values.
-        return CaseResult(case.case_id, case.category, "rejected",
+        return CaseOutcome(case.case_id, case.category, "rejected",
                           f"unexpected error: {type(exc).__name__}: {str(exc)[:200]}")
 
 

@@ -1,4 +1,4 @@
-"""The processed format (``data/processed/``, DESIGN.md's contract), read in one place.
+"""The processed format (``data/processed/``, the contract of docs/data-format.md), read in one place.
 
 Written by the preprocess stage (:mod:`ctdiff.data.preprocess`); every later stage reads it through
 :class:`Case` and :func:`split_cases`:
