@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,16 +134,11 @@ class Samples:
 
 
 @torch.no_grad()
-def sample_thin(model: TrainedModel, source_hu: np.ndarray, seed: int, direction: Sequence[float] | None = None,
-                spread_of: Callable[[np.ndarray], np.ndarray] | None = None, progress: bool = False) -> Samples:
-    """Sample series 2 given the condition on its grid (series 1, or its slab projection: (D, H, W) HU), the
-    ``model.sampling.samples`` decoded draws averaged (see the module docstring). ``direction``: the grid's
-    (SimpleITK, LPS).
-
-    ``spread_of``: an affine map applied to each draw before its spread is taken (evaluate and predict pass
-    the slab projection, so the spread is that of what the ``model`` rung averages); the mean is of the draws
-    as decoded. Running sums (Welford) in float32 keep three volumes, whatever the number of draws.
-    """
+def draws(model: TrainedModel, source_hu: np.ndarray, seed: int, direction: Sequence[float] | None = None,
+          progress: bool = False) -> Iterator[np.ndarray]:
+    """The ``model.sampling.samples`` decoded draws of series 2 given the condition on its grid ((D, H, W) HU: series
+    1 interpolated, or its slab projection), one (D, H, W) float32 HU volume at a time, from one seeded stream: the
+    first ``n`` draws are the same whatever ``samples`` is. ``direction``: the grid's (SimpleITK, LPS)."""
     ep = model.sampling
     device = next(model.unet.parameters()).device
     hu = torch.from_numpy(source_hu.astype(np.float32))[None, None].to(device)
@@ -158,20 +153,52 @@ def sample_thin(model: TrainedModel, source_hu: np.ndarray, seed: int, direction
         denoiser = WindowedDenoiser(model.unet, roi, ep.overlap, ep.window_batch)
     generator = torch.Generator(device=device).manual_seed(seed)
     scheduler = sampling_scheduler(model.train_params, ep.steps)
-    mean = np.zeros(source_hu.shape, np.float32)
-    spread_mean = np.zeros(source_hu.shape, np.float32) if spread_of is not None else mean
-    m2 = np.zeros(source_hu.shape, np.float32) if ep.samples > 1 else None
-    for n in tqdm(range(1, ep.samples + 1), desc="samples", unit="draw", disable=not progress, leave=False):
+    for _ in tqdm(range(ep.samples), desc="samples", unit="draw", disable=not progress, leave=False):
         latent = model.latent_target.latent(sample(denoiser, scheduler, condition, generator=generator), condition)
         latent = crop_latent(latent, latent_shape) / model.scale_factor
-        draw = model.vae.decode_hu(latent, source_hu.shape, direction)[0, 0].float().cpu().numpy()
+        yield model.vae.decode_hu(latent, source_hu.shape, direction)[0, 0].float().cpu().numpy()
         del latent
-        spread_draw = spread_of(draw) if spread_of is not None else None
-        _welford(mean, None if spread_of is not None else m2, draw, n)
-        if spread_draw is not None:
-            _welford(spread_mean, m2, spread_draw, n)
-    spread = None if m2 is None else np.sqrt(m2 / (ep.samples - 1), out=m2)
-    return Samples(mean, spread, ep.samples)
+
+
+class RunningMoments:
+    """Mean and spread (sample standard deviation, ddof 1) of volumes added one at a time (Welford), in float32
+    and slice by slice: two volumes held, whatever the number."""
+
+    def __init__(self, shape: Sequence[int], spread: bool = True) -> None:
+        self.n = 0
+        self.mean = np.zeros(shape, np.float32)
+        self.m2 = np.zeros(shape, np.float32) if spread else None
+
+    def add(self, x: np.ndarray) -> None:
+        self.n += 1
+        for k in range(x.shape[0]):  # the temporaries are one slice, not one volume
+            delta = x[k] - self.mean[k]
+            self.mean[k] += delta / np.float32(self.n)
+            if self.m2 is not None:
+                delta *= x[k] - self.mean[k]
+                self.m2[k] += delta
+
+    def spread(self) -> np.ndarray | None:
+        """The per-voxel sample standard deviation (a new array); None before two volumes or without ``spread``."""
+        return None if self.m2 is None or self.n < 2 else np.sqrt(self.m2 / np.float32(self.n - 1))
+
+
+def sample_thin(model: TrainedModel, source_hu: np.ndarray, seed: int, direction: Sequence[float] | None = None,
+                spread_of: Callable[[np.ndarray], np.ndarray] | None = None, progress: bool = False) -> Samples:
+    """The :func:`draws` averaged (see the module docstring): an estimate of the posterior mean, and their spread.
+
+    ``spread_of``: an affine map applied to each draw before its spread is taken (evaluate and predict pass
+    the slab projection, so the spread is that of what the ``model`` rung averages); the mean is of the draws
+    as decoded.
+    """
+    several = model.sampling.samples > 1
+    mean = RunningMoments(source_hu.shape, spread=several and spread_of is None)
+    projected = RunningMoments(source_hu.shape) if several and spread_of is not None else None
+    for draw in draws(model, source_hu, seed, direction, progress):
+        mean.add(draw)
+        if projected is not None:
+            projected.add(spread_of(draw))
+    return Samples(mean.mean, (projected or mean).spread(), mean.n)
 
 
 @dataclass
@@ -203,17 +230,6 @@ def predict_thin(model: TrainedModel, source_hu: np.ndarray, baseline_hu: np.nda
         anchor = model.vae.round_trip(condition, direction)
         raw = decoded_change(raw, condition, anchor)
     return ThinPrediction(raw, samples.spread, samples.n, condition, anchor)
-
-
-def _welford(mean: np.ndarray, m2: np.ndarray | None, x: np.ndarray, n: int) -> None:
-    """Add the ``n``-th draw ``x`` (D, H, W) to the running ``mean`` (and sum of squared deviations ``m2``), in
-    place, slice by slice so the temporaries are one slice, not one volume."""
-    for k in range(x.shape[0]):
-        delta = x[k] - mean[k]
-        mean[k] += delta / np.float32(n)
-        if m2 is not None:
-            delta *= x[k] - mean[k]
-            m2[k] += delta
 
 
 def decoded_change(decoded: np.ndarray, baseline: np.ndarray, baseline_decoded: np.ndarray) -> np.ndarray:
