@@ -29,8 +29,8 @@ from ctdiff.training.reference import train_reference
 from ctdiff.training.vae_fit import fit_vae
 
 REPO = Path(__file__).resolve().parents[1]
-GATES_ON = {"vae.accept_unhealthy": False, "vae_check.accept_unhealthy": False, "train.accept_unhealthy": False,
-            "sr_reference.accept_unhealthy": False}
+GATES_ON = {"vae.accept_unhealthy": False, "vae.retry_unhealthy": True, "vae_check.accept_unhealthy": False,
+            "train.accept_unhealthy": False, "sr_reference.accept_unhealthy": False}
 TRAIN = {"train.epochs": 3, "train.vae_freeze_epochs": 3, "train.patch": [8, 16, 16], "train.batch_size": 2,
          "train.patches_per_volume": 4, "train.val_patches_per_volume": 2, "train.warmup_steps": 2,
          "train.unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,

@@ -36,7 +36,8 @@ def tiny_params(use_maisi: bool = False, **train: Any) -> Params:
     return repo_params({
         "seed": 0, "train_seed": 0,
         # seconds-long trainings learn little: the health gates (tests/test_health.py) would stop these tests
-        "vae.accept_unhealthy": True, "vae_check.accept_unhealthy": True, "train.accept_unhealthy": True,
+        "vae.accept_unhealthy": True, "vae.retry_unhealthy": False, "vae_check.accept_unhealthy": True,
+        "train.accept_unhealthy": True,
         "sr_reference.accept_unhealthy": True,
         "vae.use_maisi": use_maisi, "vae.pretrained": False, "vae.latent_channels": 2,
         "vae.maisi.scratch": {"num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8},

@@ -73,7 +73,7 @@ def tiny_params(use_maisi: bool, pretrained: bool = False, **vae_overrides: Any)
     # plumbing tests, so they accept what the gates find.
     overrides.update({"seed": 0, "vae.use_maisi": use_maisi, "vae.pretrained": pretrained,
                       "vae_check.split": "val", "vae_check.max_cases": 2, "vae.accept_unhealthy": True,
-                      "vae_check.accept_unhealthy": True})
+                      "vae.retry_unhealthy": False, "vae_check.accept_unhealthy": True})
     overrides.update({f"vae.{k}": v for k, v in vae_overrides.items()})
     return raw_params(overrides)
 
