@@ -22,8 +22,9 @@ STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_c
           "calibrate", "evaluate")
 PREDICT_HELP = """Apply the trained model to new thick series. Each INPUT is a case zip (APE-data layout: folder 1/ is
 read, 2/ ignored), a folder of DICOM files, or a NIfTI volume. Writes DIR/<name>.nii.gz (the thin series, int16
-HU), DIR/<name>/ (the same as a derived DICOM CT series) and DIR/<name>_std.nii.gz (the per-voxel spread of the
-samples, HU). The model is the workspace's (models/vae, models/checkpoints; --models for another copy) and
+HU), DIR/<name>/ (the same as a derived DICOM CT series) and DIR/<name>_std.nii.gz (the per-voxel uncertainty,
+HU: calibrated on val when the model has the calibrate stage's scales, else the draws' raw spread). The model is the
+workspace's (models/vae, models/checkpoints, models/calibration; --models for another copy) and
 carries how it samples (steps, draws) and the slice profile it projects with; the options below override
 them. params.yaml gives the reading limits (preprocess.*), the device and the default seed. A series with
 uneven slice steps is refused unless --allow-irregular-slices."""
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
     predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the outputs go")
     predict.add_argument("--models", type=Path, default=Path("models"), metavar="DIR",
-                         help="folder holding vae/ and checkpoints/ (default: models)")
+                         help="folder holding vae/, checkpoints/ and calibration/ (default: models)")
     predict.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="FILE",
                          help="params file (default: params.yaml)")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default: params device)")
@@ -119,7 +120,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """``ctdiff predict``: one line per problem on stderr, exit 1 when the model or any input fails."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see stages/train.py)
     from ctdiff.device import pick_device
-    from ctdiff.inference.calibration import load_calibration
+    from ctdiff.inference.calibration import load_calibration, model_identity
     from ctdiff.inference.predict import predict_inputs
     from ctdiff.inference.sampling import load_trained_model
     from ctdiff.models.vae.weights import WeightsError
@@ -131,10 +132,13 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ParamsError("--thickness-mm must be > 0")
         device = pick_device(args.device or params.device, key="--device" if args.device else "device")
         model = load_trained_model(args.models / "vae", args.models / "checkpoints", device)
-        model = model.with_sampling(samples=args.samples, steps=args.steps)
-        # the calibrated uncertainty map needs the scales fitted for these sampling settings
-        calibration = load_calibration(args.models / "calibration", model) if args.samples is None and \
-            args.steps is None else None
+        calibration = load_calibration(args.models / "calibration", model)
+        tuned = model.with_sampling(samples=args.samples, steps=args.steps)
+        # the scales hold for the sampling settings they were fitted with (--steps/--samples equal to the model's
+        # keep them)
+        if model_identity(tuned) != model_identity(model):
+            calibration = None
+        model = tuned
     except (ParamsError, WeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ from ctdiff.models.denoiser import build_unet, crop_latent, latent_patch_shape, 
 from ctdiff.models.diffusion import LatentTarget, sample, sampling_scheduler
 from ctdiff.models.vae.base import LatentCodec
 from ctdiff.models.vae.weights import load_vae
-from ctdiff.params import SamplingParams, TrainParams, UnetParams, group_from_dict
+from ctdiff.params import ParamsError, SamplingParams, TrainParams, UnetParams, group_from_dict
 
 CHECKPOINTS = ("best.pt", "last.pt")  # best by val loss; last when no validation improved on the first
 
@@ -113,7 +113,11 @@ def load_trained_model(vae_dir: Path, ckpt_dir: Path, device: torch.device) -> T
     vae.set_trainable("none")
     # The denoiser and its noise process as trained (not as params.yaml says now): a copy of the models
     # folder samples with the UNet, patch and scheduler it was trained with.
-    tp = group_from_dict(TrainParams, ckpt["train_params"], "train")
+    try:
+        tp = group_from_dict(TrainParams, ckpt["train_params"], "train")
+    except ParamsError as exc:
+        raise RuntimeError(f"{path} was written by another version of ctdiff ({exc}): rerun the train stage "
+                           f"(dvc repro train)") from None
     unet = build_unet(tp.unet, vae.latent_channels)
     unet.load_state_dict(ckpt["unet"])
     unet.to(device).eval()
@@ -133,7 +137,7 @@ class Samples:
     n: int  # draws
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def draws(model: TrainedModel, source_hu: np.ndarray, seed: int, direction: Sequence[float] | None = None,
           progress: bool = False) -> Iterator[np.ndarray]:
     """The ``model.sampling.samples`` decoded draws of series 2 given the condition on its grid ((D, H, W) HU: series

@@ -117,7 +117,7 @@ def diffusion_loss(unet: nn.Module, scheduler: Scheduler, target_latent: torch.T
     return F.mse_loss(prediction.float(), regression_target(scheduler, target_latent, noise, timesteps).float())
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(unet: nn.Module, scheduler: Scheduler, source_latent: torch.Tensor,
            generator: torch.Generator | None = None, verbose: bool = False) -> torch.Tensor:
     """Generate a scaled target latent (B, C, d, h, w) given the scaled source latent of the same shape.
