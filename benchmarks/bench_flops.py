@@ -6,7 +6,7 @@ meta device (nothing is computed, so it runs on any machine in seconds).
 
 Seconds are FLOPs divided by an assumed sustained throughput (``--tflops``, default 100 TFLOP/s: about a third
 of an H100's dense bf16 peak, what convolution-heavy 3D networks reach in practice). They are estimates,
-labelled as such in the README; a GPU run replaces them with measurements.
+labelled as such in docs/real-size.md; a GPU run replaces them with measurements.
 """
 
 from __future__ import annotations
