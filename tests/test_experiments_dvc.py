@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from dvc_repo import DvcRepo
+from paramkit import ACCEPT_UNHEALTHY
 
 from ctdiff.evaluation.report import GAIN_KEY
 from ctdiff.evaluation.rungs import RUNG_NAMES
@@ -21,10 +22,7 @@ STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_c
           "calibrate", "evaluate")
 CONTRACT = {"psnr", "ssim", "mae_hu", "psnr_body", "ssim_body", "mae_hu_body"}
 TINY = {
-    # seconds-long trainings learn little: the health gates (tests/test_health.py) accept it here
-    "vae.accept_unhealthy": True, "vae.retry_unhealthy": False, "vae_check.accept_unhealthy": True,
-    "train.accept_unhealthy": True,
-    "sr_reference.accept_unhealthy": True,
+    **ACCEPT_UNHEALTHY,
     "data.phantom.n_cases": 10,
     "data.phantom.families.hilum.shape": [30, 32, 32],
     "data.phantom.families.hilum.pixel_mm": 8.0,

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 from dvc_repo import DvcRepo
+from paramkit import ACCEPT_UNHEALTHY
 from sshd import SshServer, find_sshd, free_port
 
 from ctdiff.cli import main as cli_main
@@ -38,10 +39,7 @@ PULL_ALL = ("preprocess", "slab", "fetch_weights", "vae_fit", "train", "sr_refer
 # What a laptop pulls to look at a run and predict with its model (metrics and PNGs come with git).
 PULL_LAPTOP = ("fetch_weights", "vae_fit", "train", "calibrate", "evaluate")
 TINY = {
-    # seconds-long trainings learn little: the health gates (tests/test_health.py) accept it here
-    "vae.accept_unhealthy": True, "vae.retry_unhealthy": False, "vae_check.accept_unhealthy": True,
-    "train.accept_unhealthy": True,
-    "sr_reference.accept_unhealthy": True,
+    **ACCEPT_UNHEALTHY,
     "data.phantom.n_cases": 5,
     "data.phantom.families.hilum.shape": [30, 32, 32],
     "data.phantom.families.hilum.pixel_mm": 8.0,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import GaussianSmooth
-from paramkit import repo_params
+from paramkit import ACCEPT_UNHEALTHY, repo_params
 from vae_helpers import write_processed, write_slabs
 
 from ctdiff.io import atomic_dir
@@ -35,10 +35,7 @@ def tiny_params(use_maisi: bool = False, **train: Any) -> Params:
     train_defaults.update(train)
     return repo_params({
         "seed": 0, "train_seed": 0,
-        # seconds-long trainings learn little: the health gates (tests/test_health.py) would stop these tests
-        "vae.accept_unhealthy": True, "vae.retry_unhealthy": False, "vae_check.accept_unhealthy": True,
-        "train.accept_unhealthy": True,
-        "sr_reference.accept_unhealthy": True,
+        **ACCEPT_UNHEALTHY,
         "vae.use_maisi": use_maisi, "vae.pretrained": False, "vae.latent_channels": 2,
         "vae.maisi.scratch": {"num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8},
         "vae.sd.scratch": {"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 8},

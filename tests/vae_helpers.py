@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from paramkit import raw_params
+from paramkit import ACCEPT_UNHEALTHY, raw_params
 
 from ctdiff.data.grid import Grid
 from ctdiff.data.phantom import CATEGORIES
@@ -69,11 +69,8 @@ def tiny_params(use_maisi: bool, pretrained: bool = False, **vae_overrides: Any)
     """params.yaml content (a dict: the committed file) for tiny VAEs; ``vae_overrides`` use dotted keys below
     ``vae``."""
     overrides = {f"vae.{k}": v for k, v in leaves(TINY_VAE).items()}
-    # A couple of epochs of a tiny VAE learn little: the health gates (tests/test_health.py) would stop these
-    # plumbing tests, so they accept what the gates find.
     overrides.update({"seed": 0, "vae.use_maisi": use_maisi, "vae.pretrained": pretrained,
-                      "vae_check.split": "val", "vae_check.max_cases": 2, "vae.accept_unhealthy": True,
-                      "vae.retry_unhealthy": False, "vae_check.accept_unhealthy": True})
+                      "vae_check.split": "val", "vae_check.max_cases": 2, **ACCEPT_UNHEALTHY})
     overrides.update({f"vae.{k}": v for k, v in vae_overrides.items()})
     return raw_params(overrides)
 
