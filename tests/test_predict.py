@@ -98,11 +98,15 @@ def test_a_test_case_predicts_what_evaluate_scored_and_opens_as_one_dicom_series
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(evaluated))
     for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         np.testing.assert_allclose(getattr(ours, get)(), getattr(evaluated, get)(), atol=1e-4)
-    # The command a user runs draws with the same default seed (params train_seed) and the model's sampling.
-    result = run_cli(root, str(zip_path), "--out", str(tmp_path / "cli"), "--quiet")
+    # The command a user runs draws with the same default seed (params train_seed) and the model's sampling;
+    # --window-batch (latent windows per UNet call) is speed only: the same voxels.
+    assert model.sampling.window_batch != 1 and model.latent_patch[0] < 30  # 30 slices: several latent windows
+    result = run_cli(root, str(zip_path), "--out", str(tmp_path / "cli"), "--window-batch", "1", "--quiet")
     assert result.returncode == 0, result.stderr
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cli" / f"{case_id}.nii.gz"))),
-                                  sitk.GetArrayFromImage(evaluated))
+    # (another batch of windows sums in another order: a voxel may round to the next HU)
+    cli = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cli" / f"{case_id}.nii.gz"))).astype(int)
+    differ = cli != sitk.GetArrayFromImage(evaluated)
+    assert differ.mean() < 1e-3 and np.abs(cli - sitk.GetArrayFromImage(evaluated)).max() <= 1
 
     # The DICOM series: one series for SimpleITK, HU within 1 of the NIfTI, the thin grid's geometry.
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(out / case_id))

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--samples", type=int, help="decoded samples averaged (default: the model's)")
     predict.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     predict.add_argument("--seed", type=int, help="sampling seed (default: params train_seed, as evaluate)")
+    predict.add_argument("--window-batch", type=int, help="latent windows per UNet call: speed and memory only, "
+                         "the same voxels within float rounding (default: the model's; larger on a GPU)")
     predict.add_argument("--thickness-mm", type=float, help="slice thickness of the inputs (default: DICOM "
                          "SliceThickness, else the slice spacing; a NIfTI's z spacing)")
     predict.add_argument("--allow-irregular-slices", action="store_true", help=ALLOW_IRREGULAR_HELP)
@@ -133,9 +135,9 @@ def run_predict(args: argparse.Namespace) -> int:
         device = pick_device(args.device or params.device, key="--device" if args.device else "device")
         model = load_trained_model(args.models / "vae", args.models / "checkpoints", device)
         calibration = load_calibration(args.models / "calibration", model)
-        tuned = model.with_sampling(samples=args.samples, steps=args.steps)
+        tuned = model.with_sampling(samples=args.samples, steps=args.steps, window_batch=args.window_batch)
         # the scales hold for the sampling settings they were fitted with (--steps/--samples equal to the model's
-        # keep them)
+        # keep them; --window-batch never changes them)
         if model_identity(tuned) != model_identity(model):
             calibration = None
         model = tuned
