@@ -16,6 +16,38 @@ REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 ACCEPT_UNHEALTHY = {"vae.accept_unhealthy": True, "vae.retry_unhealthy": False, "vae_check.accept_unhealthy": True,
                     "train.accept_unhealthy": True, "sr_reference.accept_unhealthy": True}
 
+# The whole pipeline in seconds per stage under real DVC (10 phantom patients of 30 x 32 x 32, networks a few
+# channels wide, two epochs): the numbers mean nothing, the plumbing is what is under test.
+TINY_PIPELINE = {
+    **ACCEPT_UNHEALTHY,
+    "data.phantom.n_cases": 10,
+    "data.phantom.families.hilum.shape": [30, 32, 32],
+    "data.phantom.families.hilum.pixel_mm": 8.0,
+    "preprocess.workers": 2,
+    "vae.pretrained": False,
+    "vae.latent_channels": 2,
+    "vae.scratch_epochs": 2,
+    "vae.maisi.scratch": {"num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8},
+    "vae.maisi.patch": [16, 16, 16],
+    "vae.sd.scratch": {"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 8},
+    "vae.sd.patch": [4, 32, 32],
+    "vae_check.max_cases": 1,
+    "train.epochs": 2,
+    "train.vae_freeze_epochs": 1,
+    "train.patch": [8, 16, 16],
+    "train.batch_size": 2,
+    "train.patches_per_volume": 2,
+    "train.val_patches_per_volume": 2,
+    "train.unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
+                   "norm_num_groups": 8, "num_head_channels": 8},
+    "sr_reference.epochs": 2,
+    "sr_reference.patch": [8, 16, 16],
+    "sr_reference.batch_size": 2,
+    "sr_reference.patches_per_volume": 2,
+    "sr_reference.channels": [4, 8],
+    "sr_reference.strides": [2],
+    "train.sampling.steps": 3,
+}
 
 def raw_params(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The committed params.yaml as a dict, with ``overrides`` ({"train.epochs": 2}) applied; every key must exist."""

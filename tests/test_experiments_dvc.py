@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from dvc_repo import DvcRepo
-from paramkit import ACCEPT_UNHEALTHY
+from paramkit import TINY_PIPELINE as TINY
 
 from ctdiff.evaluation.report import GAIN_KEY
 from ctdiff.evaluation.rungs import RUNG_NAMES
@@ -21,36 +21,6 @@ pytestmark = pytest.mark.slow
 STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_check", "train", "sr_reference",
           "calibrate", "evaluate")
 CONTRACT = {"psnr", "ssim", "mae_hu", "psnr_body", "ssim_body", "mae_hu_body"}
-TINY = {
-    **ACCEPT_UNHEALTHY,
-    "data.phantom.n_cases": 10,
-    "data.phantom.families.hilum.shape": [30, 32, 32],
-    "data.phantom.families.hilum.pixel_mm": 8.0,
-    "preprocess.workers": 2,
-    "vae.pretrained": False,
-    "vae.latent_channels": 2,
-    "vae.scratch_epochs": 2,
-    "vae.maisi.scratch": {"num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8},
-    "vae.maisi.patch": [16, 16, 16],
-    "vae.sd.scratch": {"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 8},
-    "vae.sd.patch": [4, 32, 32],
-    "vae_check.max_cases": 1,
-    "train.epochs": 2,
-    "train.vae_freeze_epochs": 1,
-    "train.patch": [8, 16, 16],
-    "train.batch_size": 2,
-    "train.patches_per_volume": 2,
-    "train.val_patches_per_volume": 2,
-    "train.unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
-                   "norm_num_groups": 8, "num_head_channels": 8},
-    "sr_reference.epochs": 2,
-    "sr_reference.patch": [8, 16, 16],
-    "sr_reference.batch_size": 2,
-    "sr_reference.patches_per_volume": 2,
-    "sr_reference.channels": [4, 8],
-    "sr_reference.strides": [2],
-    "train.sampling.steps": 3,
-}
 FINDINGS = ("embolus_conspicuity", "false_defect_fraction", "mae_hu_artery")
 
 

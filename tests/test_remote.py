@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 from dvc_repo import DvcRepo
-from paramkit import ACCEPT_UNHEALTHY
+from paramkit import TINY_PIPELINE
 from sshd import SshServer, find_sshd, free_port
 
 from ctdiff.cli import main as cli_main
@@ -38,34 +38,8 @@ STAGES = ("fetch_data", "preprocess", "slab", "fetch_weights", "vae_fit", "vae_c
 PULL_ALL = ("preprocess", "slab", "fetch_weights", "vae_fit", "train", "sr_reference", "calibrate", "evaluate")
 # What a laptop pulls to look at a run and predict with its model (metrics and PNGs come with git).
 PULL_LAPTOP = ("fetch_weights", "vae_fit", "train", "calibrate", "evaluate")
-TINY = {
-    **ACCEPT_UNHEALTHY,
-    "data.phantom.n_cases": 5,
-    "data.phantom.families.hilum.shape": [30, 32, 32],
-    "data.phantom.families.hilum.pixel_mm": 8.0,
-    "preprocess.workers": 2,
-    "vae.latent_channels": 2,
-    "vae.scratch_epochs": 1,
-    "vae.sd.scratch": {"block_out_channels": [8, 8, 8, 16], "layers_per_block": 1, "norm_num_groups": 8},
-    "vae.sd.patch": [4, 32, 32],
-    "vae_check.max_cases": 1,
-    "train.epochs": 2,
-    "train.vae_freeze_epochs": 1,
-    "train.patch": [8, 16, 16],
-    "train.batch_size": 2,
-    "train.patches_per_volume": 2,
-    "train.val_patches_per_volume": 2,
-    "train.unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
-                   "norm_num_groups": 8, "num_head_channels": 8},
-    "sr_reference.epochs": 1,
-    "sr_reference.patch": [8, 16, 16],
-    "sr_reference.batch_size": 2,
-    "sr_reference.patches_per_volume": 2,
-    "sr_reference.channels": [4, 8],
-    "sr_reference.strides": [2],
-    "train.sampling.steps": 3,
-    "train.sampling.samples": 1,
-}
+TINY = {**TINY_PIPELINE, "data.phantom.n_cases": 5, "vae.scratch_epochs": 1, "sr_reference.epochs": 1,
+        "train.sampling.samples": 1}
 EXPERIMENT = "one-case"  # evaluate.max_cases=1: reruns evaluate alone, so it is cheap to run and to push
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_experiments_dvc import TINY
+from paramkit import TINY_PIPELINE as TINY
 
 import ctdiff.params as params_module
 from ctdiff.params import SHARED
