@@ -20,7 +20,7 @@ from vae_helpers import tiny_params, write_processed, write_slabs
 from ctdiff.evaluation.report import vae_health
 from ctdiff.evaluation.vae_check import check_vae
 from ctdiff.io import atomic_dir, atomic_live
-from ctdiff.metrics.health import Unhealthy, mean_code, never_fell
+from ctdiff.metrics.health import CodecCheck, Unhealthy, codec_verdict, mean_code, never_fell
 from ctdiff.metrics.image import TruthScorer
 from ctdiff.models.vae.weights import fetch_pretrained, load_vae, save_weights, write_manifest
 from ctdiff.params import params_from_dict, to_dict, with_overrides
@@ -172,6 +172,18 @@ def test_evaluate_says_when_the_projected_vae_ceiling_is_below_the_projected_bas
     broken = {"vae_ceiling_consistent": {"psnr_body": 12.0}, "baseline_consistent": {"psnr_body": 22.0}}
     assert "measures a broken VAE" in vae_health(broken) and "12.00" in vae_health(broken)
     assert vae_health({**broken, "vae_ceiling_consistent": {"psnr_body": 25.0}}) == ""
+
+
+def test_the_codec_gate_asks_for_the_constant_beaten_by_3_db_or_the_low_pass_matched():
+    # numbers as the lung periphery measured them: block averaging at 8x is itself only ~1 dB over the constant
+    fine_detail = CodecCheck("case_001", vae=21.4, mean=19.1, lowpass=20.1)
+    assert codec_verdict([fine_detail], 3.0, "vae.accept_unhealthy") is None
+    worse_than_averaging = CodecCheck("case_002", vae=19.6, mean=19.1, lowpass=21.3)
+    line = codec_verdict([fine_detail, worse_than_averaging], 3.0, "vae.accept_unhealthy")
+    assert line and "case_002" in line and "19.60" in line and "21.30" in line and "\n" not in line
+    collapsed = CodecCheck("case_003", vae=18.0, mean=19.1, lowpass=18.5)  # a constant grey: fails both arms
+    assert "case_003" in codec_verdict([collapsed], 3.0, "vae.accept_unhealthy")
+    assert codec_verdict([CodecCheck("case_004", vae=25.0, mean=19.1, lowpass=26.0)], 3.0, "x") is None
 
 
 def test_the_best_constant_is_the_body_mean(workspace):

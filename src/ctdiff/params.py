@@ -305,7 +305,7 @@ class VaeParams:
     body_crops: float  # fraction of training crops centred inside the body (HU > -500), the rest uniform
     logvar_init: float | None  # scratch: the encoder's log-variance output starts at this constant
     health_cases: int  # train volumes round-tripped after training, against their trivial codes
-    min_gain_db: float  # the round trip must beat each volume's mean code by this much (psnr_body)
+    min_gain_db: float  # the round trip must beat each volume's mean code by this much (psnr_body) or its low-pass
     retry_unhealthy: bool  # scratch: a VAE no better than that is trained once more (next seed, encoder as built)
     accept_unhealthy: bool  # true: a VAE no better than that is reported, not fatal
     hub_timeout_s: float  # reachability check before a download; offline fails this fast
@@ -333,7 +333,7 @@ class VaeParams:
 class VaeCheckParams:
     split: Literal["val", "test", "train"]  # held-out cases to encode and decode
     max_cases: int  # 0 = every case of the split
-    min_gain_db: float  # the round trip must beat each volume's mean code by this much (psnr_body)
+    min_gain_db: float  # the round trip must beat each volume's mean code by this much (psnr_body) or its low-pass
     accept_unhealthy: bool  # true: a VAE no better than that is reported, not fatal
 
     def __post_init__(self) -> None:

@@ -4,9 +4,10 @@ Writes through a dvclive ``Live``: ``metrics.json`` (the six reconstruction metr
 speed, memory, latent size, which weights were used, and the trivial codes of the same volumes:
 ``health``), ``plots/custom/per_case.json`` (every metric per case) and ``plots/images/<case_id>.png``
 (mid-slices: input | reconstruction | |error|). A VAE that reconstructs some case no better than that volume's
-mean code (by ``vae_check.min_gain_db``) is unhealthy (:mod:`ctdiff.metrics.health`): the summary says why in one
-line (``health.verdict``) and :func:`raise_if_unhealthy`, called once the outputs are complete, fails the stage
-unless ``vae_check.accept_unhealthy``, so the metrics and images of the failure can be looked at.
+mean code (by ``vae_check.min_gain_db``) nor than block averaging at its compression is unhealthy
+(:mod:`ctdiff.metrics.health`): the summary says why in one line (``health.verdict``) and
+:func:`raise_if_unhealthy`, called once the outputs are complete, fails the stage unless
+``vae_check.accept_unhealthy``, so the metrics and images of the failure can be looked at.
 """
 
 from __future__ import annotations

@@ -10,15 +10,20 @@ that where it starts:
 
   - ``mean``: every voxel set to the volume's mean HU inside the body (the clipped truth averaged over the
     body mask: the constant that scores best on the body metrics). A collapsed decoder scores at most this:
-    it decodes to one grey. The gate: the VAE must beat it by ``min_gain_db`` (3 dB: half the error power) on
-    every case checked, else the stage fails naming the case and both numbers. A reviewer's reading: a codec
-    no better than the best constant carries no image. (The whole volume's mean would be too weak a bar on
-    psnr_body: with much air in view it is far below the body's HU, and a decoder stuck at any soft-tissue
-    grey beats it by several dB.)
+    it decodes to one grey. (The whole volume's mean would be too weak a bar on psnr_body: with much air in
+    view it is far below the body's HU, and a decoder stuck at any soft-tissue grey beats it by several dB.)
   - ``lowpass``: the volume averaged over blocks of the VAE's own downsampling (one number per latent voxel,
     a quarter of what a 4-channel latent holds) and trilinearly upsampled: a fixed linear code of the same
-    compression. Reported beside it (``gain_over_lowpass``), not gated: the scratch VAEs of the CPU demo beat
-    it by only 1-3 dB (MAISI, SD, 36 epochs), so a gate there would stop healthy but short trainings.
+    compression.
+
+  The gate: on every case checked the VAE must beat the constant by ``min_gain_db`` (3 dB: half the error
+  power) **or** be at least as good as the low-pass code; else the stage fails naming the case and the three
+  numbers. A reviewer's reading: a codec that is neither clearly better than the best constant nor as good as
+  plain block averaging at its own compression carries no image. Why the second arm: where fine structure
+  dominates the body (the lung periphery family, 0.6 mm pixels) block averaging at SD's 8x itself beats the
+  constant by only about 1 dB, so a 3 dB bar alone would fail every codec of that compression, even a
+  perfect linear one (measured: periphery SD scratch VAE 21.4-21.9 dB against the constant's 19.1 dB and the
+  low-pass's about 20 dB). A collapse fails both arms: it scores at most the constant, below the low-pass.
 
 - **train**: latents without spread (a VAE that encodes everything alike) or a val loss that never falls
   below its first epoch's stop the stage; **sr_reference**: a network whose projected prediction is worse
@@ -93,14 +98,16 @@ def check_codec(case_id: str, recon_hu: np.ndarray, truth_hu: np.ndarray, scorer
 
 
 def codec_verdict(checks: Sequence[CodecCheck], min_gain_db: float, override: str) -> str | None:
-    """None when every case beats its mean code by ``min_gain_db``; else the one-line reason (worst case)."""
-    worst = min(checks, key=lambda c: c.gain_over_mean)
-    if worst.gain_over_mean >= min_gain_db:
+    """None when every case beats its mean code by ``min_gain_db`` or its low-pass code at all; else the one-line
+    reason (the worst failing case)."""
+    failing = [c for c in checks if c.gain_over_mean < min_gain_db and c.gain_over_lowpass < 0.0]
+    if not failing:
         return None
+    worst = min(failing, key=lambda c: c.gain_over_mean)
     return (f"the VAE reconstructs {worst.case_id} at {worst.vae:.2f} dB psnr_body, no better than that "
             f"volume's best constant, its mean HU in the body ({worst.mean:.2f} dB; it must beat it by {min_gain_db:g} "
-            f"dB): it learned nothing useful "
-            f"(a collapse?); set {override}=true to accept it")
+            f"dB), nor than block averaging at its own compression ({worst.lowpass:.2f} dB): it learned nothing "
+            f"useful (a collapse?); set {override}=true to accept it")
 
 
 def summarise_checks(checks: Sequence[CodecCheck]) -> dict[str, float]:

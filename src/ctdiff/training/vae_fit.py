@@ -8,7 +8,8 @@ writes carries what every later stage needs to load and run the codec (:func:`ct
 No latent scale factor here: the train stage computes it from the latents it encodes anyway.
 
 A VAE that trained is checked before anything is written (:func:`check_health`, :mod:`ctdiff.metrics.health`):
-``vae.health_cases`` train volumes round-tripped must each beat their own best constant by ``vae.min_gain_db``.
+``vae.health_cases`` train volumes round-tripped must each beat their own best constant by ``vae.min_gain_db``
+or match block averaging at the VAE's compression.
 A scratch VAE that fails is trained once more from another start (``vae.retry_unhealthy``: the next seed and
 the encoder as built, ``logvar_init`` off, since a collapse was seen with the nearly deterministic start); one
 that fails again stops the stage with one line (``vae.accept_unhealthy`` writes it anyway), so a collapsed VAE
