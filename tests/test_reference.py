@@ -55,23 +55,24 @@ def case_input(ws: dict[str, Path], case_id: str) -> np.ndarray:
 
 def test_training_lowers_the_loss_and_beats_its_input_on_val(tmp_path):
     # the health gate on (tests/test_health.py has it fire): a network that beats its input passes it
-    params = tiny_params(epochs=5, patches_per_volume=16, batch_size=4, channels=[8, 16], checkpoint_every=100,
+    params = tiny_params(epochs=8, patches_per_volume=16, batch_size=4, channels=[8, 16], checkpoint_every=100,
                          accept_unhealthy=False)
     ws = workspace(tmp_path)
     result = run(params, ws)
-    assert result.start_step == 0 and result.steps == 5 * 12  # 3 cases x 16 patches / 4, x 5 epochs
+    assert result.start_step == 0 and result.steps == 8 * 12  # 3 cases x 16 patches / 4, x 8 epochs
     first, last = result.history[0], result.history[-1]
     assert last["train/loss"] < 0.95 * first["train/loss"]
     # the projected prediction is closer to the truth than the projected baseline it started from
-    assert last["val/l1"] < 0.97 * result.baseline["l1"]
-    assert last["val/psnr_body"] > result.baseline["psnr_body"] + 0.25
+    # (the input is the smooth-corrected projection since 2026-12-04: 8 epochs reach 0.971 x its L1, +0.25 dB)
+    assert last["val/l1"] < 0.98 * result.baseline["l1"]
+    assert last["val/psnr_body"] > result.baseline["psnr_body"] + 0.15
     assert last["val_baseline/psnr_body"] == result.baseline["psnr_body"]
     best = load_checkpoint(ws["ckpt_dir"] / "best.pt")
     assert best["best_val"] == min(h["val/l1"] for h in result.history) and best["optimizer"] is None
     metrics = json.loads((ws["live_dir"] / "metrics.json").read_text())
     assert metrics["val"]["psnr_body"] == pytest.approx(last["val/psnr_body"])
     assert metrics["val_baseline"]["psnr_body"] == pytest.approx(result.baseline["psnr_body"])
-    assert metrics["epoch"] == 5 and metrics["steps"] == 60
+    assert metrics["epoch"] == 8 and metrics["steps"] == 96
 
 
 @pytest.fixture(scope="module")
