@@ -49,10 +49,9 @@ def main() -> int:
         truth = case.load("target")
         scorer = TruthScorer(truth, params.hu_range)
         slabs = SlabCase.open(ws / "data" / "slab", case.case_id)
-        condition = slabs.baseline(mmap=False) if model.train_params.condition == "consistent" \
-            else case.load("source")
+        condition = model.condition(case.load("source", mmap=True), slabs.baseline())
         mean = RunningMoments(truth.shape, spread=False)
-        for draw in draws(model, np.asarray(condition, np.float32), params.train_seed, case.grid.direction):
+        for draw in draws(model, condition, params.train_seed, case.grid.direction):
             mean.add(draw)
         grid, grid1 = Grid.from_meta(case.meta["grid"]), Grid.from_meta(case.meta["series1"]["grid"])
         series1, source = case.load("series1"), case.load("source")
@@ -62,7 +61,7 @@ def main() -> int:
             m = scorer.score(op.project(mean.mean, measured))
             b = scorer.score(consistent_baseline(source, op, measured))
             rows.setdefault(coverage, []).append((m["psnr_body"], m["mae_hu_body"], b["psnr_body"],
-                                                  b["mae_hu_body"], op.n_slabs, len(op.positions_mm)))
+                                                  b["mae_hu_body"], op.n_slabs))
         print(f"{case.case_id} done", flush=True)
     print(f"\n{ws}: {len(rows[args.coverage[0]])} {args.split} cases, {args.draws} draws of {args.steps} steps\n")
     print("| min coverage | slabs kept | model psnr_body / mae_hu_body | baseline_consistent | model - baseline |")

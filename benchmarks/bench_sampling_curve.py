@@ -70,11 +70,11 @@ def main() -> int:
                                           case.category, params.evaluate.lumen_ring_mm, params.evaluate.defect_hu) \
             if case.has_labels else None
         slabs = SlabCase.open(ws / "data" / "slab", case.case_id)
-        condition = slabs.baseline(mmap=False) if model.train_params.condition == "consistent" else case.load("source")
+        condition = model.condition(case.load("source", mmap=True), slabs.baseline())
         for steps in args.steps:
             sampled = model.with_sampling(steps=steps, samples=most)
             mean, projected = RunningMoments(truth.shape, spread=False), RunningMoments(truth.shape)
-            stream = draws(sampled, np.asarray(condition, np.float32), params.train_seed, case.grid.direction)
+            stream = draws(sampled, condition, params.train_seed, case.grid.direction)
             seconds = 0.0  # sampling alone: the first draw includes encoding the condition; scoring is not counted
             for n in range(1, most + 1):
                 tic = time.perf_counter()

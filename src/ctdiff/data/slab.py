@@ -215,11 +215,6 @@ class SlabOperator:
     def n_slabs(self) -> int:
         return int(self.weights.shape[0])
 
-    @property
-    def constrained(self) -> np.ndarray:
-        """(D,) bool: thin slices that at least one kept slab sees."""
-        return self.weights.sum(axis=0) > 0
-
     @cached_property
     def pseudo_inverse(self) -> np.ndarray:
         """(D, S) ``W^+``, the least-norm correction (the fallback of :attr:`correction`)."""

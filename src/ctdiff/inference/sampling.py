@@ -62,6 +62,11 @@ class TrainedModel:
         """What the model was trained on (:func:`ctdiff.training.ldm.training_geometry`)."""
         return dict(self.card.get("geometry") or {})
 
+    def condition(self, source_hu: np.ndarray, baseline_hu: np.ndarray) -> np.ndarray:
+        """The volume the model is conditioned on, as it was trained (``train.condition``): ``baseline_hu``
+        (series 1 interpolated and projected onto its slabs) for ``consistent``, else ``source_hu``; float32."""
+        return np.asarray(baseline_hu if self.train_params.condition == "consistent" else source_hu, np.float32)
+
     @property
     def profile(self) -> SliceProfile:
         """The slab profile the model's predictions are projected with (the slab stage's, when it trained)."""
@@ -226,7 +231,7 @@ def predict_thin(model: TrainedModel, source_hu: np.ndarray, baseline_hu: np.nda
     ``sampling.decode: change`` the mean is read as the change it makes to the condition. The one path of
     evaluate and ``ctdiff predict``."""
     ep = model.sampling
-    condition = np.asarray(baseline_hu if model.train_params.condition == "consistent" else source_hu, np.float32)
+    condition = model.condition(source_hu, baseline_hu)
     samples = sample_thin(model, condition, seed, direction, spread_of=project if ep.consistency else None,
                           progress=progress)
     raw, anchor = samples.mean, None
