@@ -31,6 +31,7 @@ The folder's ``In/Philips/S21570/S2010`` and ``S2020`` are read; nothing is writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -108,9 +109,7 @@ def main() -> int:
             predicted = resample(sitk.GetArrayFromImage(image).astype(np.float32), Grid.of_image(image), case.grid)
             scored = scorer.score(predicted)
             truth_forward = forward_error(pair, fitted, held_out)
-            as_pair = SlabPair(pair.case_id, predicted, pair.measured, pair.positions_mm, pair.thin_mm,
-                               pair.thickness_mm)
-            pred_forward = forward_error(as_pair, fitted, held_out)
+            pred_forward = forward_error(dataclasses.replace(pair, thin_hu=predicted), fitted, held_out)
     print(f"pair: thin {case.grid.shape} at {case.spacing_mm} mm, {len(slabs)} thick slices of "
           f"{pair.thickness_mm:g} mm; fitted on the {int(halves['even'].sum())} even slabs in {fit_s:.1f} s, "
           f"scored on {int(held_out.sum())} odd ones")
