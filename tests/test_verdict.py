@@ -23,6 +23,7 @@ from ctdiff.evaluation.verdict import (
     SWEEP,
     SeedRun,
     family_of,
+    levels,
     load_runs,
     main,
     one_sweep,
@@ -179,8 +180,16 @@ def test_the_command_prints_the_answers_and_tables_and_json_carries_the_same_num
     assert "Family hilum: SD seeds [0, 1, 2], MAISI seeds [0, 1, 2]" in out
     assert "| sd | model - baseline_consistent | psnr_body | +1.000 | 0.100 |" in out
     assert "| both | SD - MAISI (model) | psnr_body | +0.000 | 1.800 | hilum +0.900, periphery -0.900 |" in out
+    # the rungs' own numbers: hilum SD's model is the baseline + 1 dB + the seed's move, per case
+    model_means = [mean(VALUES[f"hilum/sd/{seed}"]["model"]) for seed in SEEDS]
+    assert (f"| sd | model | psnr_body | {mean(model_means):.3f} | {min(model_means):.3f} .. {max(model_means):.3f} "
+            f"| {', '.join(f'{v:.3f}' for v in model_means)} |") in out
 
     shown = json.loads(main(sweep.root, json_out=True))  # plain numbers: the findings serialize as they are
+    level = next(n for n in shown["levels"]
+                 if (n["family"], n["arm"], n["rung"]) == ("periphery", "maisi", "reference"))
+    assert level["seeds"] == [0, 1, 2] and level["mean"] == pytest.approx(
+        mean(mean(VALUES[f"periphery/maisi/{seed}"]["reference"]) for seed in SEEDS), abs=1e-9)
     assert len(shown["runs"]) == 12 and shown["answers"]["hilum"] == "psnr_body: SD higher (higher is better)"
     row = next(p for p in shown["pooled"] if p["arm"] == "sd" and p["comparison"] == "model - baseline_consistent")
     assert row["families"] == pytest.approx({"hilum": 1.0, "periphery": 0.1}, abs=1e-9)
@@ -207,6 +216,20 @@ def test_one_seed_says_the_spread_is_unknown_and_per_case_csv_reads_empty_cells_
     assert row.verdict == "hilum only: one seed: spread unknown" and np.isnan(row.spread)
     rows = read_per_case("case_id,category,model_psnr_body,model_embolus_conspicuity\ncase_001,APE,23.5,\n")
     assert rows["case_001"]["model_psnr_body"] == 23.5 and np.isnan(rows["case_001"]["model_embolus_conspicuity"])
+
+
+def test_the_rungs_numbers_are_case_means_per_seed_and_skip_what_a_run_lacks():
+    runs = [run("hilum", "sd", seed, 24.0 + seed, 23.0) for seed in (2, 0)]
+    for i, case in enumerate(runs[0].rows.values()):  # coverage in one run only, one case without it
+        case["model_uncertainty_coverage_95"] = np.nan if i == 0 else 0.9 + 0.01 * i
+    found = {(n.rung, n.metric): n for n in levels(runs)}
+    assert set(found) == {("model", "psnr_body"), ("baseline_consistent", "psnr_body"),
+                          ("model", "uncertainty_coverage_95")}
+    model = found["model", "psnr_body"]
+    assert model.seeds == [0, 2] and model.seed_values == pytest.approx([24.35, 26.35])
+    assert model.mean == pytest.approx(25.35) and model.seed_range == pytest.approx((24.35, 26.35))
+    coverage = found["model", "uncertainty_coverage_95"]
+    assert coverage.seeds == [2] and coverage.mean == pytest.approx(mean(0.9 + 0.01 * i for i in range(1, 8)))
 
 
 def test_a_family_without_a_row_is_named_not_measured():

@@ -20,6 +20,9 @@ interval over the test cases of the per-case differences averaged over seeds. A 
 only when it is larger than the seed spread and its interval excludes zero; otherwise the verdict is "no
 difference". SD - MAISI pairs the arms' runs with the same ``train_seed`` (same cases, same sampling seed).
 
+Beside the differences, each family's and arm's rungs by themselves (:func:`levels`, :data:`LEVELS`): the
+mean over test cases per seed and over seeds, including the calibrated uncertainty's coverage on test.
+
 Pooled over the families (:class:`Pooled`): the mean of the family means, a spread, and a verdict that says
 where the families disagree. The spread is the largest of the families' seed spreads and the range of the
 family means. It is the pooled number's seed spread: how far the answer moves when one changes something the
@@ -65,6 +68,12 @@ COMPARISONS = (("model", "baseline_consistent"), ("model", "reference"))
 SD_MAISI = "SD - MAISI (model)"
 BETTER = {"psnr_body": "higher", "mae_hu_body": "lower", "embolus_conspicuity": "higher",
           "false_defect_fraction": "lower", "psnr": "higher", "ssim_body": "higher"}
+# The rungs' own numbers beside the differences (mean over test cases, then over seeds): the model among its
+# baselines and its VAE's ceiling, and the calibrated uncertainty's coverage, width and rank correlation.
+LEVELS = (("model", "psnr_body"), ("baseline_consistent", "psnr_body"), ("reference", "psnr_body"),
+          ("vae_ceiling_consistent", "psnr_body"), ("model", "mae_hu_body"), ("baseline_consistent", "mae_hu_body"),
+          ("model", "uncertainty_coverage_90"), ("model", "uncertainty_coverage_95"),
+          ("model", "uncertainty_width_95_hu"), ("model", "uncertainty_spearman"))
 VARIED = ("data.phantom.family", "train_seed", "vae.use_maisi")  # what a sweep varies; every other param agrees
 DEFAULT_FAMILY = "hilum"  # the phantoms from before data.phantom.family existed
 
@@ -210,6 +219,40 @@ def verdict(runs: Sequence[SeedRun], metrics: Sequence[str] = METRICS) -> list[F
 
 
 @dataclass
+class Level:
+    """One rung's metric in one family and arm: the mean over test cases per seed, and over seeds."""
+
+    family: str
+    arm: str
+    rung: str
+    metric: str
+    seeds: list[int]
+    seed_values: list[float]  # per seed: the mean over the cases that have the metric
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.seed_values))
+
+    @property
+    def seed_range(self) -> tuple[float, float]:
+        return min(self.seed_values), max(self.seed_values)
+
+
+def levels(runs: Sequence[SeedRun], wanted: Sequence[tuple[str, str]] = LEVELS) -> list[Level]:
+    """Every family's and arm's :data:`LEVELS` that its runs have, seeds in order."""
+    found = []
+    for family in sorted({r.family for r in runs}):
+        for arm in ("sd", "maisi"):
+            arm_runs = sorted((r for r in runs if r.family == family and r.arm == arm), key=lambda r: r.train_seed)
+            for rung, metric in wanted:
+                per_seed = [(r.train_seed, float(np.mean(list(v.values())))) for r in arm_runs
+                            if (v := r.values(rung, metric))]
+                if per_seed:
+                    found.append(Level(family, arm, rung, metric, [s for s, _ in per_seed], [v for _, v in per_seed]))
+    return found
+
+
+@dataclass
 class Pooled:
     """One row of the verdict over families: a family's row for each family that has it (module docstring)."""
 
@@ -277,6 +320,7 @@ def _arm_seeds(runs: Sequence[SeedRun]) -> str:
 
 def markdown(findings: Sequence[Finding], runs: Sequence[SeedRun]) -> str:
     pooled_rows = pooled(findings)
+    numbers = levels(runs)
     families = sorted({r.family for r in runs})
     disagree = [f"{p.arm} {p.comparison} {p.metric}" for p in pooled_rows if p.verdict.startswith("families")]
     lines = [f"Families: {', '.join(families)}; runs: {len(runs)}.", "", "The answer, SD - MAISI:"]
@@ -293,6 +337,16 @@ def markdown(findings: Sequence[Finding], runs: Sequence[SeedRun]) -> str:
                 per_seed = ", ".join(f"{v:+.3f}" for v in f.seed_values)
                 lines.append(f"| {f.arm} | {f.comparison} | {f.metric} | {f.mean:+.3f} | {f.seed_spread:.3f} | "
                              f"{per_seed} | [{f.ci95[0]:+.3f}, {f.ci95[1]:+.3f}] | {f.cases} | {f.verdict} |")
+        own = [n for n in numbers if n.family == family]
+        if own:
+            lines += ["", f"Family {family}, the rungs' own numbers: the mean over the test cases, then over seeds.",
+                      "", "| arm | rung | metric | mean over seeds | seed range | per seed |",
+                      "|---|---|---|---:|---|---|"]
+            for n in own:
+                low, high = n.seed_range
+                per_seed = ", ".join(f"{v:.3f}" for v in n.seed_values)
+                lines.append(f"| {n.arm} | {n.rung} | {n.metric} | {n.mean:.3f} | {low:.3f} .. {high:.3f} | "
+                             f"{per_seed} |")
     if len(families) > 1:
         lines += ["", f"Pooled over {', '.join(families)}: the mean of the family means; spread = the largest of "
                   "the seed spreads and the range of the family means.", "",
@@ -315,6 +369,7 @@ def as_json(findings: Sequence[Finding], runs: Sequence[SeedRun]) -> str:
                     "between_families": p.between_families, "families": {k: f.mean for k, f in p.families.items()},
                     "missing": list(p.missing), "verdict": p.verdict} for p in pooled_rows],
         "answers": answers(findings, pooled_rows, families),
+        "levels": [{**n.__dict__, "mean": n.mean} for n in levels(runs)],
     }, indent=2)
 
 
