@@ -104,8 +104,11 @@ def test_queued_experiments_run_from_git_tracked_files(repo, sd_arm):
     assert "one-case" in shown
 
 
-def test_a_training_seed_keeps_the_data_and_reruns_what_learns(repo, sd_arm):
-    """train_seed is separate from the data seed: a sweep over it keeps the phantoms and the split."""
+def test_a_training_seed_reruns_what_learns_and_returning_to_seed_0_restores_the_vae(repo, sd_arm):
+    """train_seed is separate from the data seed: a sweep over it keeps the phantoms and the split. Stages whose
+    outputs are all cached (their dvclive metrics and plots declared as such) are saved to DVC's run-cache: a
+    sweep that comes back to a VAE it trained checks it out instead of training it again. train and sr_reference
+    keep their checkpoints across runs to resume (persist), which DVC never run-caches."""
     # A workspace `dvc exp run` (the MAISI arm's, when the module runs in order) leaves its params and
     # outputs in the workspace: start from main's commit, as a user sweeping from main would.
     repo.run("git", "checkout", "--", ".")
@@ -119,14 +122,7 @@ def test_a_training_seed_keeps_the_data_and_reruns_what_learns(repo, sd_arm):
     assert "SD seeds [0, 1], MAISI seeds [0]" in result.stdout, result.stdout
     assert "| sd | model - baseline_consistent | psnr_body |" in result.stdout
 
-
-def test_returning_to_params_already_run_restores_what_does_not_resume(repo, sd_arm):
-    """Stages whose outputs are all cached (their dvclive metrics and plots declared as such) are saved to DVC's
-    run-cache: a sweep that comes back to a VAE it trained checks it out instead of training it again. train and
-    sr_reference keep their checkpoints across runs to resume (persist), which DVC never run-caches."""
-    repo.run("git", "checkout", "--", ".")
-    repo.dvc("checkout", "--force")
-    repo.dvc("exp", "run", "-n", "seed-2", "-S", "train_seed=2")
+    # Back to seed 0 from the seed-1 workspace: the committed run's VAE comes from the run-cache.
     out = repo.dvc("exp", "run", "-n", "seed-0-again", "-S", "train_seed=0").stdout
     assert "Stage 'vae_fit' is cached - skipping run" in out, out
     assert {"slab", "vae_fit", "vae_check"}.isdisjoint(ran(out)), out
