@@ -17,6 +17,7 @@ import yaml
 from monai.transforms import GaussianSmooth
 from vae_helpers import tiny_params, write_processed, write_slabs
 
+from ctdiff.data.processed import split_cases
 from ctdiff.evaluation.report import vae_health
 from ctdiff.evaluation.vae_check import check_vae
 from ctdiff.io import atomic_dir, atomic_live
@@ -82,8 +83,18 @@ def test_vae_fit_passes_a_vae_that_learned_and_stops_one_that_did_not(workspace,
     assert len(numbers) >= 2 and numbers[0] < numbers[1] + 3.0  # the VAE's psnr_body, then the constant's
     assert not (tmp_path / "vae").exists()  # nothing written: it never reaches the rest of the pipeline
     accepted = with_overrides(broken, {"vae.accept_unhealthy": True})
-    fit_vae(accepted, root / "data" / "processed", root / "models" / "pretrained", tmp_path / "vae")
+    written = fit_vae(accepted, root / "data" / "processed", root / "models" / "pretrained", tmp_path / "vae")
     assert (tmp_path / "vae" / "manifest.json").is_file()
+    # both attempts failed: the one written is the better of the two, and the manifest says which
+    retried = written["weights"]["retried"]
+    first, retry = retried["first_attempt"]["vae_psnr_body"], retried["retry"]["vae_psnr_body"]
+    assert first != retry and retried["kept"] == ("first_attempt" if first > retry else "retry")
+    reloaded, scores = load_vae(tmp_path / "vae"), []
+    for case in split_cases(root / "data" / "processed", "train")[:accepted.vae.health_cases]:
+        truth = case.load("target")
+        recon = reloaded.round_trip(truth, case.grid.direction)
+        scores.append(TruthScorer(truth, params.hu_range).score(recon)["psnr_body"])
+    assert np.mean(scores) == pytest.approx(max(first, retry), abs=1e-3)  # the written weights are the kept ones
 
 
 def test_a_scratch_vae_that_fails_is_retried_with_the_encoder_as_built(workspace, tmp_path):

@@ -171,10 +171,17 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         retry_seed = params.train_seed + RETRY_SEED_OFFSET
         print(f"vae_fit: {verdict.split('; set')[0]}; training again from seed {retry_seed} with the encoder as built "
               f"(vae.retry_unhealthy)")
-        weights = {**weights, "retried": {"seed": retry_seed, "logvar_init": None, "first_attempt":
-                                          summarise_checks(health)}}
+        first = (codec, history, health, verdict)
         codec = scratch_codec(params, retry_seed, None, device)
         history, health, verdict = fit(codec, retry_seed)
+        retry_checks, kept = health, "retry"
+        # Both failed and the user accepts that: keep the better of the two (mean psnr_body on the health cases),
+        # not merely the last one; the manifest names it and holds both attempts' numbers.
+        if verdict and _vae_psnr(first[2]) > _vae_psnr(health):
+            (codec, history, health, verdict), kept = first, "first_attempt"
+        weights = {**weights, "retried": {"seed": retry_seed, "logvar_init": None, "kept": kept,
+                                          "first_attempt": _attempt_summary(first[2]),
+                                          "retry": _attempt_summary(retry_checks)}}
     if verdict and not vae.accept_unhealthy:
         raise Unhealthy(verdict)
     train_seconds = time.perf_counter() - started
@@ -234,6 +241,14 @@ def init_logvar(codec: LatentCodec, value: float) -> None:
     with torch.no_grad():
         conv.weight[c:].zero_()
         conv.bias[c:].fill_(value)
+
+
+def _vae_psnr(checks: Sequence[CodecCheck]) -> float:
+    return float(sum(c.vae for c in checks) / len(checks))
+
+
+def _attempt_summary(checks: Sequence[CodecCheck]) -> dict[str, float]:
+    return {**summarise_checks(checks), "vae_psnr_body": _vae_psnr(checks)}
 
 
 def _live_logger(live: Live | None) -> EpochLog | None:
