@@ -41,6 +41,9 @@ STABLE, SWINGING = (0.0, 0.05, -0.05), (0.2, -0.2, 0.0)  # per-seed moves: sprea
 GAIN = {("hilum", "sd"): (1.0, STABLE), ("hilum", "maisi"): (0.1, SWINGING),
         ("periphery", "sd"): (0.1, SWINGING), ("periphery", "maisi"): (1.0, STABLE)}
 REFERENCE_ABOVE_BASELINE = 3.0  # every model loses to the reference on both families
+UNHEALTHY = "periphery/maisi/1"  # this run's VAE failed vae_check's gate and was accepted on purpose
+GATE_LINE = ("the VAE reconstructs case_003 at 20.33 dB psnr_body, no better than ...; "
+             "set vae_check.accept_unhealthy=true")
 
 
 def per_case_values() -> dict[str, dict[str, list[float]]]:
@@ -72,11 +75,17 @@ with open(out / "per_case.csv", "w", newline="") as f:
     writer.writerow(["case_id", "category", *(f"{rung}_psnr_body" for rung in rungs)])
     for i in range(len(rungs["model"])):
         writer.writerow([f"case_{i:03d}", "APE" if i % 2 else "non-APE", *(repr(v[i]) for v in rungs.values())])
+check = pathlib.Path("dvclive/vae_check")
+check.mkdir(parents=True, exist_ok=True)
+healthy = key != UNHEALTHY
+(check / "metrics.json").write_text(json.dumps({"psnr_body": 21.0, "health": {"healthy": healthy,
+                                                "verdict": "" if healthy else GATE_LINE}}))
 """
+STAGE = f"UNHEALTHY, GATE_LINE = {UNHEALTHY!r}, {GATE_LINE!r}\n" + STAGE
 PIPELINE = {"stages": {"evaluate": {
     "cmd": "python evaluate.py", "deps": ["evaluate.py", "values.json"],
     "params": ["seed", "train_seed", "data", "vae", "evaluate"],
-    "outs": [{"dvclive/evaluate": {"cache": False}}]}}}
+    "outs": [{"dvclive/evaluate": {"cache": False}}, {"dvclive/vae_check": {"cache": False}}]}}}
 
 
 def diff_means(family, arm_a, rung_a, arm_b, rung_b) -> list[float]:
@@ -173,7 +182,7 @@ def test_pooled_is_the_mean_of_family_means_with_the_wider_spread_and_says_where
 def test_the_command_prints_the_answers_and_tables_and_json_carries_the_same_numbers(sweep):
     out = sweep.run(sys.executable, "-m", "ctdiff.cli", "verdict").stdout
     assert "- hilum: psnr_body: SD higher (higher is better)" in out
-    assert "- periphery: psnr_body: SD lower (higher is better)" in out
+    assert "- periphery: psnr_body: SD lower (higher is better) (caveat: the VAE of MAISI seeds [1] failed" in out
     assert ("- pooled: psnr_body: families disagree: hilum: SD higher (higher is better); periphery: SD lower "
             "(higher is better)") in out
     assert "- families disagree on: sd model - baseline_consistent psnr_body, " in out
@@ -191,6 +200,14 @@ def test_the_command_prints_the_answers_and_tables_and_json_carries_the_same_num
     assert level["seeds"] == [0, 1, 2] and level["mean"] == pytest.approx(
         mean(mean(VALUES[f"periphery/maisi/{seed}"]["reference"]) for seed in SEEDS), abs=1e-9)
     assert len(shown["runs"]) == 12 and shown["answers"]["hilum"] == "psnr_body: SD higher (higher is better)"
+    # a VAE accepted past its health gate is named with its seed, and every answer on that family says so
+    flagged = {(r["family"], r["arm"], r["train_seed"]): r["vae_verdict"] for r in shown["runs"] if r["vae_verdict"]}
+    assert flagged == {("periphery", "maisi", 1): GATE_LINE}
+    assert shown["answers"]["periphery"].startswith("psnr_body: SD lower (higher is better) (caveat: the VAE of "
+                                                    "MAISI seeds [1] failed vae_check's health gate")
+    assert "Health: maisi seed 1: the VAE reconstructs case_003 at 20.33 dB psnr_body" in out
+    assert out.count("Health: ") == 1 and "caveat" not in shown["answers"]["hilum"]
+    assert "caveat: the VAE of periphery MAISI seeds [1] failed" in shown["answers"]["pooled"]
     row = next(p for p in shown["pooled"] if p["arm"] == "sd" and p["comparison"] == "model - baseline_consistent")
     assert row["families"] == pytest.approx({"hilum": 1.0, "periphery": 0.1}, abs=1e-9)
     assert row["mean"] == pytest.approx(0.55, abs=1e-9) and row["spread"] == pytest.approx(0.9, abs=1e-9)

@@ -20,6 +20,11 @@ interval over the test cases of the per-case differences averaged over seeds. A 
 only when it is larger than the seed spread and its interval excludes zero; otherwise the verdict is "no
 difference". SD - MAISI pairs the arms' runs with the same ``train_seed`` (same cases, same sampling seed).
 
+A run whose VAE failed vae_check's health gate and was accepted on purpose (``vae_check.accept_unhealthy``;
+its ``dvclive/vae_check/metrics.json``) stays in the sweep but is named: its family's table says which seed,
+and the family's and the pooled answer carry a caveat, since its model rung measures a VAE no better than
+block averaging.
+
 Beside the differences, each family's and arm's rungs by themselves (:func:`levels`, :data:`LEVELS`): the
 mean over test cases per seed and over seeds, including the calibrated uncertainty's coverage on test.
 
@@ -63,6 +68,7 @@ from ctdiff.params import leaves
 SWEEP = ("dvc exp run --queue -S 'data.phantom.family=hilum,periphery' -S 'train_seed=0,1,2' "
          "-S 'vae.use_maisi=false,true' && dvc queue start -j 1")
 PER_CASE = "dvclive/evaluate/per_case.csv"
+VAE_CHECK = "dvclive/vae_check/metrics.json"  # its health verdict: a run whose VAE failed and was accepted is named
 METRICS = ("psnr_body", "mae_hu_body", "embolus_conspicuity", "false_defect_fraction")
 COMPARISONS = (("model", "baseline_consistent"), ("model", "reference"))
 SD_MAISI = "SD - MAISI (model)"
@@ -89,6 +95,7 @@ class SeedRun:
     train_seed: int
     config: str  # every param but VARIED, as one string: the runs of one sweep share it
     rows: dict[str, dict[str, float]]
+    vae_verdict: str = ""  # vae_check's health verdict when the VAE failed it and was accepted on purpose
 
     def values(self, rung: str, metric: str) -> dict[str, float]:
         """case id -> the rung's metric, for the cases that have it."""
@@ -134,8 +141,28 @@ def load_runs(repo: Path = Path("."), names: Sequence[str] | None = None, num: i
         params = leaves(dvc.api.params_show(repo=str(repo), rev=row["rev"]))
         config = json.dumps({k: v for k, v in params.items() if k not in VARIED}, sort_keys=True)
         runs.append(SeedRun(name, row["rev"], family_of(params), "maisi" if params.get("vae.use_maisi") else "sd",
-                            int(params.get("train_seed", 0)), config, read_per_case(per_case)))
+                            int(params.get("train_seed", 0)), config, read_per_case(per_case),
+                            _vae_verdict(repo, row["rev"])))
     return runs
+
+
+def _vae_verdict(repo: Path, rev: str) -> str:
+    """vae_check's one-line health verdict at ``rev`` ('' when the VAE passed, or the run predates the gate)."""
+    try:
+        health = json.loads(dvc.api.read(VAE_CHECK, repo=str(repo), rev=rev)).get("health", {})
+    except (PathMissingError, FileNotFoundError, ValueError):
+        return ""
+    return "" if health.get("healthy", True) else str(health.get("verdict", "failed vae_check's health gate"))
+
+
+def unhealthy(runs: Sequence[SeedRun]) -> dict[tuple[str, str], list[int]]:
+    """(family, arm) -> the seeds whose VAE failed vae_check's gate and was accepted: their model rung measures
+    a VAE no better than block averaging, which every answer built on them must say."""
+    found: dict[tuple[str, str], list[int]] = {}
+    for run in sorted(runs, key=lambda r: r.train_seed):
+        if run.vae_verdict:
+            found.setdefault((run.family, run.arm), []).append(run.train_seed)
+    return found
 
 
 def one_sweep(runs: list[SeedRun]) -> list[SeedRun]:
@@ -300,16 +327,26 @@ def pooled(findings: Sequence[Finding]) -> list[Pooled]:
     return [Pooled(*key, found, tuple(x for x in families if x not in found)) for key, found in rows.items()]
 
 
-def answers(findings: Sequence[Finding], pooled_rows: Sequence[Pooled], families: Sequence[str]) -> dict[str, str]:
+def answers(findings: Sequence[Finding], pooled_rows: Sequence[Pooled], families: Sequence[str],
+            unhealthy_runs: dict[tuple[str, str], list[int]] | None = None) -> dict[str, str]:
     """The one-line answer to SD against MAISI, per family and (with several families) pooled: each metric's
-    verdict."""
+    verdict, and a caveat where an arm's VAE failed its health gate and was accepted (:func:`unhealthy`)."""
     lines = {}
     for family in families:
         lines[family] = "; ".join(f"{f.metric}: {f.verdict}" for f in findings
                                   if f.family == family and f.comparison == SD_MAISI) or "one arm: no SD - MAISI"
+        caveats = [f"{'SD' if arm == 'sd' else 'MAISI'} seeds {seeds}" for (fam, arm), seeds
+                   in sorted((unhealthy_runs or {}).items()) if fam == family]
+        if caveats:
+            lines[family] += (f" (caveat: the VAE of {', '.join(caveats)} failed vae_check's health gate and was "
+                              f"accepted on purpose: that arm's model measures a VAE no better than block averaging)")
     if len(lines) > 1:
         lines["pooled"] = "; ".join(f"{p.metric}: {p.verdict}" for p in pooled_rows
                                     if p.comparison == SD_MAISI) or "one arm: no SD - MAISI"
+        if unhealthy_runs:
+            named = ", ".join(f"{family} {'SD' if arm == 'sd' else 'MAISI'} seeds {seeds}"
+                              for (family, arm), seeds in sorted(unhealthy_runs.items()))
+            lines["pooled"] += f" (caveat: the VAE of {named} failed vae_check's health gate and was accepted)"
     return lines
 
 
@@ -324,14 +361,18 @@ def markdown(findings: Sequence[Finding], runs: Sequence[SeedRun]) -> str:
     families = sorted({r.family for r in runs})
     disagree = [f"{p.arm} {p.comparison} {p.metric}" for p in pooled_rows if p.verdict.startswith("families")]
     lines = [f"Families: {', '.join(families)}; runs: {len(runs)}.", "", "The answer, SD - MAISI:"]
-    lines += [f"- {scope}: {line}" for scope, line in answers(findings, pooled_rows, families).items()]
+    lines += [f"- {scope}: {line}" for scope, line in answers(findings, pooled_rows, families,
+                                                                 unhealthy(runs)).items()]
     if len(families) > 1:
         lines.append(f"- families disagree on: {', '.join(disagree)}" if disagree else
                      "- the families agree on every row")
     header = ["| arm | comparison | metric | mean over seeds | seed spread (range) | per seed | bootstrap 95 % "
               "| cases | verdict |", "|---|---|---|---:|---:|---|---|---:|---|"]
     for family in families:
-        lines += ["", f"Family {family}: {_arm_seeds([r for r in runs if r.family == family])}.", "", *header]
+        lines += ["", f"Family {family}: {_arm_seeds([r for r in runs if r.family == family])}."]
+        lines += [f"Health: {arm} seed {r.train_seed}: {r.vae_verdict.split('; set')[0]} (accepted)"
+                  for arm in ("sd", "maisi") for r in runs if r.family == family and r.arm == arm and r.vae_verdict]
+        lines += ["", *header]
         for f in findings:
             if f.family == family:
                 per_seed = ", ".join(f"{v:+.3f}" for v in f.seed_values)
@@ -363,12 +404,13 @@ def as_json(findings: Sequence[Finding], runs: Sequence[SeedRun]) -> str:
     pooled_rows = pooled(findings)
     families = sorted({r.family for r in runs})
     return json.dumps({
-        "runs": [{k: getattr(r, k) for k in ("name", "rev", "family", "arm", "train_seed")} for r in runs],
+        "runs": [{k: getattr(r, k) for k in ("name", "rev", "family", "arm", "train_seed", "vae_verdict")}
+                 for r in runs],
         "findings": [{**f.__dict__, "seed_spread": f.seed_spread, "verdict": f.verdict} for f in findings],
         "pooled": [{"arm": p.arm, "comparison": p.comparison, "metric": p.metric, "mean": p.mean, "spread": p.spread,
                     "between_families": p.between_families, "families": {k: f.mean for k, f in p.families.items()},
                     "missing": list(p.missing), "verdict": p.verdict} for p in pooled_rows],
-        "answers": answers(findings, pooled_rows, families),
+        "answers": answers(findings, pooled_rows, families, unhealthy(runs)),
         "levels": [{**n.__dict__, "mean": n.mean} for n in levels(runs)],
     }, indent=2)
 
