@@ -106,8 +106,9 @@ def codec_verdict(checks: Sequence[CodecCheck], min_gain_db: float, override: st
     worst = min(failing, key=lambda c: c.gain_over_mean)
     return (f"the VAE reconstructs {worst.case_id} at {worst.vae:.2f} dB psnr_body, no better than that "
             f"volume's best constant, its mean HU in the body ({worst.mean:.2f} dB; it must beat it by {min_gain_db:g} "
-            f"dB), nor than block averaging at its own compression ({worst.lowpass:.2f} dB): it learned nothing "
-            f"useful (a collapse?); set {override}=true to accept it")
+            f"dB), nor than block averaging at its own compression ({worst.lowpass:.2f} dB): it learned too "
+            f"little to be useful (collapsed, or too small or too briefly trained for these data); set "
+            f"{override}=true to accept it")
 
 
 def summarise_checks(checks: Sequence[CodecCheck]) -> dict[str, float]:
