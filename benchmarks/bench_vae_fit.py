@@ -33,7 +33,7 @@ from ctdiff.data.processed import split_cases  # noqa: E402
 from ctdiff.metrics.image import TruthScorer, mean_metrics  # noqa: E402
 from ctdiff.models.vae.weights import new_codec, scratch_config  # noqa: E402
 from ctdiff.params import params_from_dict  # noqa: E402
-from ctdiff.training.vae_fit import init_logvar, train_codec  # noqa: E402
+from ctdiff.training.vae_fit import init_logvar, train_as_params  # noqa: E402
 
 
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -104,9 +104,7 @@ def main() -> int:
                   f"{metrics['recon_spread_hu']:.0f} HU (truth {metrics['truth_spread_hu']:.0f})", flush=True)
             timer["tic"] = time.perf_counter()
 
-    patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
-    train_codec(codec, train, patch, epochs, vae.scratch_lr, vae.patches_per_volume, vae.batch_size, vae.kl_weight,
-                params.train_seed, on_epoch, vae.recon_loss, vae.warmup_steps, vae.body_crops)
+    train_as_params(codec, train, vae, epochs, vae.scratch_lr, params.train_seed, on_epoch)
     print(f"\n{args.arm} {' '.join(args.set) or '(committed params)'}")
     print("| epochs | steps | train s | val psnr_body | ssim_body | mae_hu_body | posterior std | latent spread | "
           "decoded spread HU |")

@@ -1,7 +1,7 @@
 """Scratch-VAE levers over phantom families and training seeds, paired on val, judged as vae_fit's gate judges.
 
 Each variant (a set of params overrides) is trained as vae_fit trains its first attempt (``scratch_codec`` +
-``train_codec``: same crops, loss, schedule and seed) for every family x train_seed, then every val case is
+``train_as_params``: same crops, loss, schedule and seed) for every family x train_seed, then every val case is
 round-tripped whole and scored beside its two trivial codes (``ctdiff.metrics.health``: the volume's mean,
 and block averaging at the VAE's own compression). A row per (family, seed, variant): val psnr_body, the
 worst val case's gain over block averaging, and whether vae_fit's gate (on its train health cases) passes.
@@ -39,7 +39,7 @@ from ctdiff.data.preprocess import preprocess  # noqa: E402
 from ctdiff.data.processed import split_cases  # noqa: E402
 from ctdiff.metrics.health import codec_verdict  # noqa: E402
 from ctdiff.params import params_from_dict, read_params_yaml, set_dotted  # noqa: E402
-from ctdiff.training.vae_fit import check_health, scratch_codec, train_codec  # noqa: E402
+from ctdiff.training.vae_fit import check_health, scratch_codec, train_as_params  # noqa: E402
 
 FIELDS = ["family", "train_seed", "variant", "overrides", "train_s", "val_psnr_body", "val_block_psnr_body",
           "val_mean_psnr_body", "worst_gain_over_block", "gate"]
@@ -92,14 +92,12 @@ def run_one(raw_params: dict, processed: Path, seed: int, device: str, fp32: boo
             codec.norm_float16 = False
     train, val = split_cases(processed, "train"), split_cases(processed, "val")
     tic = time.perf_counter()
-    train_codec(codec, train, vae.maisi.patch if vae.use_maisi else vae.sd.patch, vae.scratch_epochs,
-                vae.scratch_lr, vae.patches_per_volume, vae.batch_size, vae.kl_weight, seed, None, vae.recon_loss,
-                vae.warmup_steps, vae.body_crops)
+    train_as_params(codec, train, vae, vae.scratch_epochs, vae.scratch_lr, seed)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - tic
-    gate = codec_verdict(check_health(codec, train[:vae.health_cases], params), vae.min_gain_db, "-")
-    checks = check_health(codec, val, params)
+    gate = codec_verdict(check_health(codec, train[:vae.health_cases]), vae.min_gain_db, "-")
+    checks = check_health(codec, val)
     return {"train_s": round(seconds, 1), "val_psnr_body": np.mean([c.vae for c in checks]),
             "val_block_psnr_body": np.mean([c.lowpass for c in checks]),
             "val_mean_psnr_body": np.mean([c.mean for c in checks]),

@@ -2,7 +2,7 @@
 
 Nothing is retrained: the workspace's ``models/vae`` is copied with its manifest's ``runtime.tile`` changed
 (what ``vae.maisi.tile`` sets), loaded through ``load_vae`` and scored as vae_fit's gate scores
-(``check_codec``: psnr_body beside the volume's mean and block averaging at the VAE's compression) on the
+(``check_health``: psnr_body beside the volume's mean and block averaging at the VAE's compression) on the
 first ``--health-cases`` train cases and every val case.
 
     python benchmarks/bench_vae_tile.py --workspace . --tile 64 64 64 --tile 128 128 64
@@ -24,9 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from ctdiff.data.processed import split_cases  # noqa: E402
-from ctdiff.metrics.health import check_codec  # noqa: E402
-from ctdiff.metrics.image import TruthScorer  # noqa: E402
 from ctdiff.models.vae.weights import MANIFEST_JSON, load_vae  # noqa: E402
+from ctdiff.training.vae_fit import check_health  # noqa: E402
 
 
 def main() -> int:
@@ -39,7 +38,6 @@ def main() -> int:
     manifest = json.loads((args.workspace / "models" / "vae" / MANIFEST_JSON).read_text())
     if manifest["codec"] != "maisi":
         sys.exit(f"{args.workspace / 'models' / 'vae'} holds a {manifest['codec']} VAE: the tile is MAISI's")
-    hu_range = manifest["hu_range"]
     print("| tile | split | cases | psnr_body | block averaging | worst case over block | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,12 +49,8 @@ def main() -> int:
             codec = load_vae(copy)
             for split, cases in (("train", split_cases(processed, "train")[:args.health_cases]),
                                  ("val", split_cases(processed, "val"))):
-                checks, tic = [], time.perf_counter()
-                for case in cases:
-                    truth = case.load("target")
-                    recon = codec.round_trip(truth, case.grid.direction)
-                    checks.append(check_codec(case.case_id, recon, truth, TruthScorer(truth, hu_range),
-                                              codec.downsample))
+                tic = time.perf_counter()
+                checks = check_health(codec, cases)
                 print(f"| {tile} | {split} | {len(checks)} | {np.mean([c.vae for c in checks]):.2f} | "
                       f"{np.mean([c.lowpass for c in checks]):.2f} | "
                       f"{min(c.gain_over_lowpass for c in checks):+.2f} | {time.perf_counter() - tic:.1f} |",

@@ -43,9 +43,9 @@ def check_vae(params: Params, processed_dir: Path, vae_dir: Path, live: Live,
         recon = codec.round_trip(target, case.grid.direction)
         latent_shape = codec.latent_shape(target.shape)
         seconds = time.perf_counter() - started
-        check = check_codec(case.case_id, recon, target, TruthScorer(target, params.hu_range), codec.downsample)
-        checks.append(check)
-        values = TruthScorer(target, params.hu_range).score(recon)
+        scorer = TruthScorer(target, params.hu_range)  # one scorer (body mask, truth's channels) per case
+        values = scorer.score(recon)
+        checks.append(check_codec(case.case_id, values["psnr_body"], target, scorer, codec.downsample))
         per_case.append({"case_id": case.case_id, **values, "seconds": seconds,
                          "latent_shape": "x".join(map(str, latent_shape)),
                          "compression_ratio": codec.compression_ratio(target.shape)})

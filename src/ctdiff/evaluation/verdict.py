@@ -72,6 +72,7 @@ VAE_CHECK = "dvclive/vae_check/metrics.json"  # its health verdict: a run whose 
 METRICS = ("psnr_body", "mae_hu_body", "embolus_conspicuity", "false_defect_fraction")
 COMPARISONS = (("model", "baseline_consistent"), ("model", "reference"))
 SD_MAISI = "SD - MAISI (model)"
+ARM_LABEL = {"sd": "SD", "maisi": "MAISI"}
 BETTER = {"psnr_body": "higher", "mae_hu_body": "lower", "embolus_conspicuity": "higher",
           "false_defect_fraction": "lower", "psnr": "higher", "ssim_body": "higher"}
 # The rungs' own numbers beside the differences (mean over test cases, then over seeds): the model among its
@@ -335,7 +336,7 @@ def answers(findings: Sequence[Finding], pooled_rows: Sequence[Pooled], families
     for family in families:
         lines[family] = "; ".join(f"{f.metric}: {f.verdict}" for f in findings
                                   if f.family == family and f.comparison == SD_MAISI) or "one arm: no SD - MAISI"
-        caveats = [f"{'SD' if arm == 'sd' else 'MAISI'} seeds {seeds}" for (fam, arm), seeds
+        caveats = [f"{ARM_LABEL[arm]} seeds {seeds}" for (fam, arm), seeds
                    in sorted((unhealthy_runs or {}).items()) if fam == family]
         if caveats:
             lines[family] += (f" (caveat: the VAE of {', '.join(caveats)} failed vae_check's health gate and was "
@@ -344,7 +345,7 @@ def answers(findings: Sequence[Finding], pooled_rows: Sequence[Pooled], families
         lines["pooled"] = "; ".join(f"{p.metric}: {p.verdict}" for p in pooled_rows
                                     if p.comparison == SD_MAISI) or "one arm: no SD - MAISI"
         if unhealthy_runs:
-            named = ", ".join(f"{family} {'SD' if arm == 'sd' else 'MAISI'} seeds {seeds}"
+            named = ", ".join(f"{family} {ARM_LABEL[arm]} seeds {seeds}"
                               for (family, arm), seeds in sorted(unhealthy_runs.items()))
             lines["pooled"] += f" (caveat: the VAE of {named} failed vae_check's health gate and was accepted)"
     return lines

@@ -89,11 +89,11 @@ class CodecCheck:
         return self.vae - self.lowpass
 
 
-def check_codec(case_id: str, recon_hu: np.ndarray, truth_hu: np.ndarray, scorer: TruthScorer,
+def check_codec(case_id: str, vae_psnr_body: float, truth_hu: np.ndarray, scorer: TruthScorer,
                 downsample: Sequence[int]) -> CodecCheck:
-    """psnr_body of the VAE's round trip and of the two trivial codes of ``truth_hu`` (the scorer's truth)."""
-    return CodecCheck(case_id, scorer.score(recon_hu)["psnr_body"],
-                      scorer.score(mean_code(truth_hu, scorer))["psnr_body"],
+    """The VAE round trip's psnr_body (the caller scored it with ``scorer``, once) beside the two trivial codes of
+    ``truth_hu`` (the scorer's truth)."""
+    return CodecCheck(case_id, vae_psnr_body, scorer.score(mean_code(truth_hu, scorer))["psnr_body"],
                       scorer.score(lowpass_code(truth_hu, downsample, scorer.hu_range))["psnr_body"])
 
 

@@ -49,7 +49,7 @@ from ctdiff.models.vae.weights import (
     scratch_config,
     write_manifest,
 )
-from ctdiff.params import Params
+from ctdiff.params import Params, VaeParams
 from ctdiff.training.scaffold import warmup_cosine
 
 FINAL_LR_FRACTION = 0.05
@@ -152,18 +152,15 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
         weights = {"origin": "scratch", "epochs": epochs, "width": _width(codec_config(codec))}
 
     train = split_cases(processed_dir, "train")
-    patch = vae.maisi.patch if vae.use_maisi else vae.sd.patch
     started = time.perf_counter()
 
     def fit(codec: LatentCodec, seed: int) -> tuple[list[dict[str, float]], list[CodecCheck], str | None]:
         """(per-epoch losses, the health checks, their one-line verdict or None) of one training."""
-        history = train_codec(codec, train, patch, epochs, lr, vae.patches_per_volume, vae.batch_size,
-                              vae.kl_weight, seed, _live_logger(live), vae.recon_loss, vae.warmup_steps,
-                              vae.body_crops)
+        history = train_as_params(codec, train, vae, epochs, lr, seed, _live_logger(live))
         if history and not math.isfinite(history[-1]["loss"]):
             raise WeightsError(f"vae_fit: the last epoch's loss is {history[-1]['loss']}: the VAE diverged; lower "
                                f"vae.scratch_lr / vae.finetune_lr")
-        checks = check_health(codec, train[:vae.health_cases], params)
+        checks = check_health(codec, train[:vae.health_cases])
         return history, checks, codec_verdict(checks, vae.min_gain_db, "vae.accept_unhealthy")
 
     history, health, verdict = fit(codec, params.train_seed) if epochs else ([], [], None)
@@ -199,8 +196,7 @@ def fit_vae(params: Params, processed_dir: Path, pretrained_dir: Path, out_dir: 
     if live is not None:
         live.summary.update({key: manifest[key] for key in ("train_seconds", "codec", "weights")})
         if health:
-            live.summary["health"] = {"cases": [c.case_id for c in health], **summarise_checks(health),
-                                      "vae_psnr_body": float(sum(c.vae for c in health) / len(health))}
+            live.summary["health"] = {"cases": [c.case_id for c in health], **_attempt_summary(health)}
     return manifest
 
 
@@ -215,14 +211,24 @@ def scratch_codec(params: Params, seed: int, logvar_init: float | None, device: 
     return codec
 
 
-def check_health(codec: LatentCodec, cases: Sequence[Case], params: Params) -> list[CodecCheck]:
-    """Each case's target round-tripped whole against its trivial codes (:mod:`ctdiff.metrics.health`)."""
+def train_as_params(codec: LatentCodec, cases: Sequence[Case], vae: VaeParams, epochs: int, lr: float, seed: int,
+                    on_epoch: EpochLog | None = None) -> list[dict[str, float]]:
+    """:func:`train_codec` with the crops, batches, loss and schedule of the ``vae`` params (the arm's patch)."""
+    return train_codec(codec, cases, vae.maisi.patch if vae.use_maisi else vae.sd.patch, epochs, lr,
+                       vae.patches_per_volume, vae.batch_size, vae.kl_weight, seed, on_epoch, vae.recon_loss,
+                       vae.warmup_steps, vae.body_crops)
+
+
+def check_health(codec: LatentCodec, cases: Sequence[Case]) -> list[CodecCheck]:
+    """Each case's target round-tripped whole against its trivial codes (:mod:`ctdiff.metrics.health`), scored
+    over the codec's own ``hu_range``."""
     codec.module.eval()
     checks = []
     for case in cases:
         truth = case.load("target")
-        recon = codec.round_trip(truth, case.grid.direction)
-        checks.append(check_codec(case.case_id, recon, truth, TruthScorer(truth, params.hu_range), codec.downsample))
+        scorer = TruthScorer(truth, codec.hu_range)
+        psnr = scorer.score(codec.round_trip(truth, case.grid.direction))["psnr_body"]
+        checks.append(check_codec(case.case_id, psnr, truth, scorer, codec.downsample))
     return checks
 
 
