@@ -25,9 +25,12 @@ from vae_helpers import single_torch_thread  # noqa: F401  (fixture)
 from ctdiff.data.fetch import fetch_data
 from ctdiff.data.preprocess import preprocess
 from ctdiff.data.processed import read_splits
+from ctdiff.evaluation.calibrate import calibrate
 from ctdiff.evaluation.evaluate import evaluate
+from ctdiff.inference.calibration import load_calibration, write_calibration
 from ctdiff.inference.predict import predict_inputs, thin_grid
 from ctdiff.inference.sampling import load_trained_model
+from ctdiff.metrics.uncertainty import Calibration, phase_edges
 from ctdiff.params import params_from_dict, to_dict, with_overrides
 from ctdiff.training.ldm import train
 from ctdiff.training.slab import run_slab_stage
@@ -134,6 +137,44 @@ def test_a_test_case_predicts_what_evaluate_scored_and_opens_as_one_dicom_series
     # The spread of the two draws: positive where the draws differ, on the same grid.
     spread = sitk.ReadImage(str(out / f"{case_id}_std.nii.gz"))
     assert spread.GetSize() == ours.GetSize() and sitk.GetArrayFromImage(spread).max() > 0
+
+
+def test_the_calibrated_map_scales_the_spread_per_slab_phase_of_the_thick_series(ws, tmp_path):
+    root, params, case_id, zip_path = ws
+    models = tmp_path / "models"
+    for name in ("vae", "checkpoints"):
+        shutil.copytree(root / "models" / name, models / name)
+    model = load_trained_model(models / "vae", models / "checkpoints", torch.device("cpu"))
+    # The stage fits a scale per HU band x slab phase group on val, for this model.
+    calibrate(params, root / "data" / "processed", root / "data" / "slab", models / "vae", models / "checkpoints",
+              models / "calibration", progress=False)
+    fitted = load_calibration(models / "calibration", model)
+    assert fitted.phase_edges == pytest.approx(phase_edges(params.calibrate.slab_phase_bins)) != ()
+    assert len(fitted.scales[0.95]) == (len(params.calibrate.bands_hu) + 1) * params.calibrate.slab_phase_bins
+
+    # A calibration whose 95 % scale is 1 at slab centres, 2 a third of the way out, 4 midway (every band):
+    # the written map over the raw spread says which phase predict gave each slice.
+    marked = Calibration((), {0.9: (1.0, 2.0, 4.0), 0.95: (1.0, 2.0, 4.0)}, (), phase_edges(3))
+    write_calibration(models / "calibration", marked, model, split="val")
+    result = run_cli(root, str(zip_path), "--out", str(tmp_path / "cal"), "--models", str(models), "--quiet")
+    assert result.returncode == 0, result.stderr
+    (raw_outcome,) = predict_inputs([zip_path], tmp_path / "raw", model, params, params.train_seed, progress=False)
+    std = sitk.ReadImage(str(tmp_path / "cal" / f"{case_id}_std.nii.gz"))
+    assert "calibrated std" in std.GetMetaData("descrip")
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "raw" / f"{case_id}_std.nii.gz")))
+    scale = sitk.GetArrayFromImage(std) * 1.959964 / np.maximum(raw, 1.0)
+    per_slice = scale.reshape(scale.shape[0], -1)
+    np.testing.assert_allclose(per_slice, np.broadcast_to(per_slice[:, :1], per_slice.shape), rtol=1e-4)  # per slice
+
+    # The phase from the thick series' own slice positions and the written thin grid (axial, 5 mm contiguous)
+    with zipfile.ZipFile(zip_path) as zf:
+        thick_z = sorted(float(pydicom.dcmread(zf.open(n)).ImagePositionPatient[2])
+                         for n in zf.namelist() if "/1/" in n and not n.endswith("/"))
+    thin_z = std.GetOrigin()[2] + np.arange(scale.shape[0]) * std.GetSpacing()[2]
+    distance = np.min(np.abs(thin_z[:, None] - np.asarray(thick_z)[None, :]), axis=1) / np.median(np.diff(thick_z))
+    expected = np.select([distance < 1 / 6 - 1e-6, distance < 1 / 3 - 1e-6], [1.0, 2.0], 4.0)
+    np.testing.assert_allclose(per_slice[:, 0], expected, rtol=1e-4)
+    assert set(expected) == {1.0, 2.0, 4.0}
 
 
 def test_the_thin_grid_covers_the_slabs_at_the_training_spacing():

@@ -499,9 +499,11 @@ class CalibrateParams:
     split: Literal["val", "train"]  # held-out cases the scales are fitted on (never the test split)
     max_cases: int  # 0 = every case of the split
     bands_hu: tuple[float, ...]  # edges of the HU bands of the prediction, one scale each; [] = one scale
+    slab_phase_bins: int  # x this many groups by where a slice lies between series 1's slab centres; 1 = none
 
     def __post_init__(self) -> None:
         _require(self.max_cases >= 0, "calibrate.max_cases", "must be >= 0 (0 = all)")
+        _require(self.slab_phase_bins >= 1, "calibrate.slab_phase_bins", "must be >= 1 (1 = no phase groups)")
         _require(list(self.bands_hu) == sorted(self.bands_hu), "calibrate.bands_hu", "must be ascending")
 
 

@@ -215,6 +215,21 @@ class SlabOperator:
     def n_slabs(self) -> int:
         return int(self.weights.shape[0])
 
+    def phase(self, slice_mm: float) -> np.ndarray:
+        """(D,) where each thin slice lies in series 1's slab pattern: its distance to the nearest slab centre
+        in slab spacings, 0 (a slab's centre) to 0.5 (midway between two), for thin slices ``slice_mm`` apart
+        from the grid's slice 0 (as :meth:`for_case` places them). The spacing is the median distance between
+        adjacent slab centres (one slab: its thickness). The thick series pins each slab's weighted mean, so how
+        well a thin slice is known, and how far the model's draws spread there, depend on it."""
+        depth = self.weights.shape[1]
+        centres = np.sort(np.asarray(self.positions_mm, np.float64))
+        if centres.size == 0:
+            return np.full(depth, 0.5)
+        step = float(np.median(np.diff(centres))) if centres.size > 1 else self.thickness_mm
+        z = np.arange(depth, dtype=np.float64) * float(slice_mm)
+        distance = np.min(np.abs(z[:, None] - centres[None, :]), axis=1)
+        return np.clip(distance / max(step, 1e-6), 0.0, 0.5)
+
     @cached_property
     def pseudo_inverse(self) -> np.ndarray:
         """(D, S) ``W^+``, the least-norm correction (the fallback of :attr:`correction`)."""

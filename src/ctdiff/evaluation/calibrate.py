@@ -5,7 +5,8 @@ less often than a Gaussian reading promises (:mod:`ctdiff.metrics.uncertainty`).
 ``calibrate.split`` cases (val: never the test split) exactly as evaluate samples a test case (the model's own
 sampling defaults, the seed ``train_seed``, the prediction projected onto series 1's slabs with the spread of
 the projected draws), scores each body voxel's ``|prediction - truth| / spread``, and fits
-:class:`ctdiff.metrics.uncertainty.Calibration`: per HU band of the prediction (``calibrate.bands_hu``), the
+:class:`ctdiff.metrics.uncertainty.Calibration`: per HU band of the prediction (``calibrate.bands_hu``) and slab
+phase of the voxel's slice (``calibrate.slab_phase_bins``: the draws agree most at series 1's slab centres), the
 scale whose interval ``prediction +- scale x spread`` covers 90 % and 95 % of the calibration voxels.
 
 Written: ``models/calibration/calibration.json`` (the scales, and which model they were fitted for: evaluate
@@ -29,7 +30,7 @@ from ctdiff.device import pick_device
 from ctdiff.inference.calibration import write_calibration
 from ctdiff.inference.sampling import load_trained_model, predict_thin
 from ctdiff.metrics.image import body_mask
-from ctdiff.metrics.uncertainty import LEVELS, Calibration, nonconformity
+from ctdiff.metrics.uncertainty import LEVELS, Calibration, nonconformity, phase_edges
 from ctdiff.params import Params
 
 
@@ -51,18 +52,20 @@ def calibrate(params: Params, processed_dir: Path, slab_dir: Path, vae_dir: Path
         truth = case.load("target")
         mask = body_mask(truth).numpy()
         ratio, mean = nonconformity(volume, thin.spread, truth, params.hu_range, mask)
-        scores.append((ratio, mean))
+        phase = np.broadcast_to(slabs.operator.phase(case.grid.spacing_mm[2])[:, None, None], mask.shape)[mask]
+        scores.append((ratio, mean, phase))
         raw_coverage.append(float(np.mean(ratio <= 2.0)))
-    calibration = Calibration.fit(scores, cp.bands_hu, LEVELS)
+    calibration = Calibration.fit(scores, cp.bands_hu, LEVELS, phase_edges(cp.slab_phase_bins))
     write_calibration(out_dir, calibration, model, split=cp.split, cases=[c.case_id for c in cases])
     summary: dict[str, Any] = {"cases": len(cases), "raw_coverage_2sd": float(np.mean(raw_coverage))}
     for level, scales in calibration.scales.items():
-        for band, scale in enumerate(scales):
-            summary[f"scale_{round(level * 100)}/band_{band}"] = scale
+        for group, scale in enumerate(scales):
+            summary[f"scale_{round(level * 100)}/group_{group}"] = scale
     if live is not None:
         for key, value in summary.items():
             live.log_metric(key, value, plot=False)
         live.summary["bands_hu"] = list(calibration.edges_hu)
+        live.summary["phase_edges"] = list(calibration.phase_edges)
         live.summary["voxels_per_band"] = list(calibration.voxels)
     return summary
 

@@ -61,7 +61,8 @@ def evaluate(params: Params, processed_dir: Path, slab_dir: Path, vae_dir: Path,
             check_profiles(slabs, model, reference)
             inputs, seconds = ladder_inputs(model, reference, params, case, slabs)
             result = score_case(case, Ladder(inputs), params, seconds, slabs.operator.n_slabs,
-                                preds if params.evaluate.nifti else None, calibration)
+                                preds if params.evaluate.nifti else None, calibration,
+                                slabs.operator.phase(case.grid.spacing_mm[2]))
             live.log_image(f"{case.case_id}.png", case_panel(result, params.evaluate.window_hu))
             results.append(result)
         log_results(live, results, model, params)
@@ -99,9 +100,11 @@ def ladder_inputs(model: TrainedModel, reference: Reference | None, params: Para
 
 
 def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs: int,
-               preds: Path | None, calibration: Calibration | None = None) -> CaseResult:
+               preds: Path | None, calibration: Calibration | None = None, phase: np.ndarray | None = None
+               ) -> CaseResult:
     """Score every rung against the truth, keep the panel's planes, write the prediction's NIfTI to ``preds``;
-    with ``calibration``, also the calibrated intervals' coverage of the prediction."""
+    with ``calibration``, also the calibrated intervals' coverage of the prediction (with ``phase``, each slice's
+    slab phase: per phase group, and at slab centres and midway)."""
     truth = case.load("target")
     # The truth's body mask and SSIM maps, once per case, on the stage's device (each rung moves there once).
     scorer = TruthScorer(truth, params.hu_range, device=pick_device(params.device))
@@ -123,7 +126,7 @@ def score_case(case: Case, ladder: Ladder, params: Params, seconds: float, slabs
                 result.scores[rung.name].update(uncertainty_metrics(volume, spread, truth, params.hu_range, mask))
                 if calibration is not None:
                     result.scores[rung.name].update(calibrated_metrics(volume, spread, truth, params.hu_range,
-                                                                       calibration, mask))
+                                                                       calibration, mask, phase))
                 result.spread = cut_planes(spread, through)
             if preds is not None:
                 sitk.WriteImage(image_from_array(to_int16_hu(volume), case.grid), str(preds / f"{case.case_id}.nii.gz"),

@@ -80,6 +80,7 @@ BETTER = {"psnr_body": "higher", "mae_hu_body": "lower", "embolus_conspicuity": 
 LEVELS = (("model", "psnr_body"), ("baseline_consistent", "psnr_body"), ("reference", "psnr_body"),
           ("vae_ceiling_consistent", "psnr_body"), ("model", "mae_hu_body"), ("baseline_consistent", "mae_hu_body"),
           ("model", "uncertainty_coverage_90"), ("model", "uncertainty_coverage_95"),
+          ("model", "uncertainty_coverage_95_centre"), ("model", "uncertainty_coverage_95_midway"),
           ("model", "uncertainty_width_95_hu"), ("model", "uncertainty_spearman"))
 VARIED = ("data.phantom.family", "train_seed", "vae.use_maisi")  # what a sweep varies; every other param agrees
 DEFAULT_FAMILY = "hilum"  # the phantoms from before data.phantom.family existed

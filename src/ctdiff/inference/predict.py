@@ -19,8 +19,8 @@ into place):
   SliceThickness; a SeriesDescription naming the model (VAE arm, checkpoint step);
 - ``<name>_std.nii.gz``: the per-voxel uncertainty, float32 HU. With the calibrate stage's scales (the model
   folder's ``calibration/``) it is calibrated: ``prediction +- 1.96 x`` it covered 95 % of the truth on val
-  (split conformal, per HU band: :mod:`ctdiff.metrics.uncertainty`); without them, the raw sample standard
-  deviation of the draws. The NIfTI description says which. With one draw there is no spread and none is
+  (split conformal, per HU band and slab phase: :mod:`ctdiff.metrics.uncertainty`); without them, the raw
+  sample standard deviation of the draws. The NIfTI description says which. With one draw there is no spread and none is
   written (predict says so).
 
 Identifiers never reach a message or a log: errors name the input by the path the user gave.
@@ -99,6 +99,7 @@ class Prediction:
     hu: np.ndarray = field(repr=False)
     spread: np.ndarray | None = field(repr=False)
     samples: int
+    phase: np.ndarray | None = field(default=None, repr=False)  # (D,) slab phase per slice (SlabOperator.phase)
 
 
 # -------------------------------------------------------------------------------------------- inputs
@@ -217,7 +218,7 @@ def predict_scan(model: TrainedModel, scan: Scan, seed: int, progress: bool = Fa
     baseline = consistent_baseline(source, operator, measured)
     thin = predict_thin(model, source, baseline, seed, grid.direction, project, progress=progress)
     hu = to_int16_hu(project(thin.raw) if model.sampling.consistency else thin.raw)
-    return Prediction(grid, hu, thin.spread, thin.samples)
+    return Prediction(grid, hu, thin.spread, thin.samples, operator.phase(grid.spacing_mm[2]))
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -268,7 +269,8 @@ def uncertainty_map(prediction: Prediction, calibration: Calibration | None) -> 
     """(the ``_std`` volume, float32 HU, and its NIfTI description, at most 80 characters)."""
     if calibration is None:
         return prediction.spread.astype(np.float32), "ctdiff: std of the draws, HU (not calibrated)"
-    half = calibration.half_width(prediction.hu, prediction.spread, 0.95)
+    phase = None if prediction.phase is None else prediction.phase[:, None, None]
+    half = calibration.half_width(prediction.hu, prediction.spread, 0.95, phase)
     return (half / Z95).astype(np.float32), "ctdiff: calibrated std, HU: +-1.96x covered 95% of val (conformal)"
 
 
