@@ -23,9 +23,9 @@ def main() -> int:
     except (ParamsError, WeightsError, FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return 1
-    scales = ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if k.startswith("scale_95"))
+    scales = " ".join(f"{v:.2f}" for k, v in summary.items() if k.startswith("scale_95"))
     print(f"calibrate: {summary['cases']} case(s); the raw spread covered {summary['raw_coverage_2sd']:.0%} within 2 "
-          f"spreads; 95 % scales per band: {scales}")
+          f"spreads; 95 % scales per HU band x slab phase group (band-major): {scales}")
     return 0
 
 
