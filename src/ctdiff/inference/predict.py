@@ -20,8 +20,8 @@ into place):
 - ``<name>_std.nii.gz``: the per-voxel uncertainty, float32 HU. With the calibrate stage's scales (the model
   folder's ``calibration/``) it is calibrated: ``prediction +- 1.96 x`` it covered 95 % of the truth on val
   (split conformal, per HU band and slab phase: :mod:`ctdiff.metrics.uncertainty`); without them, the raw
-  sample standard deviation of the draws. The NIfTI description says which. With one draw there is no spread and none is
-  written (predict says so).
+  sample standard deviation of the draws. The NIfTI description says which. With one draw there is no spread
+  and none is written (predict says so).
 
 Identifiers never reach a message or a log: errors name the input by the path the user gave.
 """

@@ -17,11 +17,11 @@ held-out cases (the calibrate stage runs it on val): the nonconformity of a voxe
 and the scale for coverage ``c`` is its ``c`` quantile over the calibration cases' body voxels (the
 finite-sample quantile ``ceil((n + 1) c) / n``), one scale per group of voxels when one is not enough: the HU
 band of the predicted mean (tissues) and the slab phase of the voxel's slice (the thick series pins each
-slab's mean, so the draws agree most at slab centres). Then ``mean +- scale x spread`` covers a fraction ``c`` of new voxels from the same
-distribution (exchangeable with the calibration voxels; voxels of one case are not independent, so the
-guarantee is approximate and the test split measures it: ``uncertainty_coverage_90``/``_95`` and the interval
-width ``uncertainty_width_95_hu``; ``uncertainty_coverage_95_centre``/``_midway``: at slab centres and midway
-between them).
+slab's mean, so the draws agree most at slab centres). Then ``mean +- scale x spread`` covers a fraction ``c``
+of new voxels from the same distribution (exchangeable with the calibration voxels; voxels of one case are not
+independent, so the guarantee is approximate and the test split measures it: ``uncertainty_coverage_90``/``_95``
+and the interval width ``uncertainty_width_95_hu``; ``uncertainty_coverage_95_centre``/``_midway``: at slab
+centres and midway between them).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class Calibration:
     Mondrian conformal prediction). A voxel's group is the HU band of its predicted mean and, with
     ``phase_edges``, where its slice lies between series 1's slab centres (:meth:`ctdiff.data.slab.SlabOperator.phase`):
     the thick series pins each slab's weighted mean, so the draws agree most at a slab's centre, more than the
-    error there falls (MAISI on the periphery phantoms: a 2.7x smaller spread at the centres than midway, a 1.8x
+    error there falls (MAISI on the periphery phantoms: a 2.8x smaller spread at the centres than midway, a 1.7x
     smaller error), and one scale per band covered 83 % at the centres and 94 % midway for a nominal 90 %
-    (benchmarks/bench_calibration_phase.py).
+    (benchmarks/bench_calibration_phase.py, benchmarks/RESULTS.md).
 
     ``edges_hu``: HU band edges (ascending; ``[]`` = one band); ``phase_edges``: slab-phase edges in (0, 0.5)
     (``[]`` = one group); ``scales[level][band * (len(phase_edges) + 1) + phase bin]``: the spread multiplier whose
