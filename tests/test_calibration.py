@@ -120,6 +120,8 @@ def test_a_calibration_round_trips_and_one_without_phase_groups_needs_no_phase()
     assert again == grouped and again.phase_edges == (0.25,)
     with pytest.raises(ValueError, match="slab phase"):
         grouped.half_width(mean, np.ones_like(mean), 0.95)  # without each voxel's phase
+    with pytest.raises(ValueError, match="slab phase"):
+        Calibration.fit([(ratio, mean)], [-500.0], phase_edges=phase_edges(2))
     # a calibration.json written before the phase groups: per HU band, the phase ignored
     old = {"edges_hu": [-500.0], "scales": {"0.9": [1.5, 2.5], "0.95": [2.0, 3.0]}, "voxels": [10, 20]}
     bands = Calibration.from_json(old)

@@ -98,6 +98,8 @@ class Calibration:
         (:func:`nonconformity`; the phase per voxel, needed with ``phase_edges``). A group without voxels takes
         the pooled scale."""
         shape = cls(tuple(float(e) for e in edges_hu), {}, (), tuple(float(e) for e in phase_edges))
+        if shape.phase_edges and any(len(s) < 3 for s in scores):
+            raise ValueError("a calibration per slab phase needs each voxel's phase: (ratio, mean, phase) per case")
         ratio = np.concatenate([s[0] for s in scores])
         phase = np.concatenate([s[2] for s in scores]) if shape.phase_edges else None
         group = shape.group_of(np.concatenate([s[1] for s in scores]), phase)
