@@ -26,10 +26,15 @@ from ctdiff.data.slab import SlabCase  # noqa: E402
 from ctdiff.device import pick_device  # noqa: E402
 from ctdiff.inference.sampling import load_trained_model, predict_thin  # noqa: E402
 from ctdiff.metrics.image import body_mask  # noqa: E402
-from ctdiff.metrics.uncertainty import Calibration, nonconformity, phase_edges  # noqa: E402
+from ctdiff.metrics.uncertainty import (  # noqa: E402
+    CENTRE_BELOW,
+    MIDWAY_FROM,
+    Calibration,
+    nonconformity,
+    phase_edges,
+    voxel_phase,
+)
 from ctdiff.params import read_params_yaml  # noqa: E402
-
-THIRDS = (1 / 6, 1 / 3)  # the reported phase groups: centre, between, midway
 
 
 def collect(workspace: Path, split: str, params: dict, model) -> dict[str, np.ndarray]:
@@ -43,7 +48,7 @@ def collect(workspace: Path, split: str, params: dict, model) -> dict[str, np.nd
         truth = case.load("target")
         mask = body_mask(truth).numpy()
         ratio, mean = nonconformity(volume, thin.spread, truth, params["hu_range"], mask)
-        phase = np.broadcast_to(slabs.operator.phase(case.grid.spacing_mm[2])[:, None, None], mask.shape)[mask]
+        phase = voxel_phase(slabs.operator.phase(case.grid.spacing_mm[2]), mask)
         low, high = params["hu_range"]
         out["ratio"].append(ratio)
         out["mean"].append(mean)
@@ -72,8 +77,8 @@ def main() -> int:
         fits = [Calibration.fit([(val["ratio"], val["mean"])], bands),
                 Calibration.fit([(val["ratio"], val["mean"], val["phase"])], bands,
                                 phase_edges=phase_edges(args.phase_bins))]
-        groups = {"centre": lambda p: p < THIRDS[0], "between": lambda p: (p >= THIRDS[0]) & (p < THIRDS[1]),
-                  "midway": lambda p: p >= THIRDS[1], "all": lambda p: np.ones(p.shape, bool)}
+        groups = {"centre": lambda p: p < CENTRE_BELOW, "between": lambda p: (p >= CENTRE_BELOW) & (p < MIDWAY_FROM),
+                  "midway": lambda p: p >= MIDWAY_FROM, "all": lambda p: np.ones(p.shape, bool)}
         for name, where in groups.items():
             v, t = where(val["phase"]), where(test["phase"])
             cells = []

@@ -30,7 +30,7 @@ from ctdiff.device import pick_device
 from ctdiff.inference.calibration import write_calibration
 from ctdiff.inference.sampling import load_trained_model, predict_thin
 from ctdiff.metrics.image import body_mask
-from ctdiff.metrics.uncertainty import LEVELS, Calibration, nonconformity, phase_edges
+from ctdiff.metrics.uncertainty import LEVELS, Calibration, nonconformity, phase_edges, voxel_phase
 from ctdiff.params import Params
 
 
@@ -52,8 +52,7 @@ def calibrate(params: Params, processed_dir: Path, slab_dir: Path, vae_dir: Path
         truth = case.load("target")
         mask = body_mask(truth).numpy()
         ratio, mean = nonconformity(volume, thin.spread, truth, params.hu_range, mask)
-        phase = np.broadcast_to(slabs.operator.phase(case.grid.spacing_mm[2])[:, None, None], mask.shape)[mask]
-        scores.append((ratio, mean, phase))
+        scores.append((ratio, mean, voxel_phase(slabs.operator.phase(case.grid.spacing_mm[2]), mask)))
         raw_coverage.append(float(np.mean(ratio <= 2.0)))
     calibration = Calibration.fit(scores, cp.bands_hu, LEVELS, phase_edges(cp.slab_phase_bins))
     write_calibration(out_dir, calibration, model, split=cp.split, cases=[c.case_id for c in cases])
@@ -66,6 +65,6 @@ def calibrate(params: Params, processed_dir: Path, slab_dir: Path, vae_dir: Path
             live.log_metric(key, value, plot=False)
         live.summary["bands_hu"] = list(calibration.edges_hu)
         live.summary["phase_edges"] = list(calibration.phase_edges)
-        live.summary["voxels_per_band"] = list(calibration.voxels)
+        live.summary["voxels_per_group"] = list(calibration.voxels)
     return summary
 

@@ -120,6 +120,15 @@ def phase_edges(bins: int) -> tuple[float, ...]:
     return tuple(0.5 * i / bins for i in range(1, bins))
 
 
+# The phase thirds the coverage is reported on: a slab's centre below the first, midway at or above the second.
+CENTRE_BELOW, MIDWAY_FROM = phase_edges(3)
+
+
+def voxel_phase(slice_phase: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each ``mask`` voxel's slab phase from its slice's ((D,) :meth:`ctdiff.data.slab.SlabOperator.phase`)."""
+    return np.broadcast_to(np.asarray(slice_phase)[:, None, None], mask.shape)[mask]
+
+
 def conformal_quantile(ratios: np.ndarray, level: float) -> float:
     """The split-conformal quantile of nonconformity scores: the ``ceil((n + 1) level)``-th smallest of ``n``."""
     n = ratios.size
@@ -143,18 +152,18 @@ def calibrated_metrics(mean_hu: np.ndarray, spread_hu: np.ndarray, truth_hu: np.
     the ``mask`` voxels; with ``phase`` ((D,) slab phase per slice, :meth:`ctdiff.data.slab.SlabOperator.phase`),
     also the 95 % coverage on slices near a slab's centre (phase < 1/6) and near midway (>= 1/3)."""
     ratio, mean = nonconformity(mean_hu, spread_hu, truth_hu, hu_range, mask)
-    voxel_phase = None if phase is None else np.broadcast_to(np.asarray(phase)[:, None, None], mask.shape)[mask]
-    group = calibration.group_of(mean, voxel_phase)
+    phases = None if phase is None else voxel_phase(phase, mask)
+    group = calibration.group_of(mean, phases)
     out = {}
     for level, name in ((0.9, "uncertainty_coverage_90"), (0.95, "uncertainty_coverage_95")):
         out[name] = float(np.mean(ratio <= np.asarray(calibration.scales[level], np.float32)[group]))
     spread = np.maximum(np.asarray(spread_hu, np.float32)[mask], MIN_SPREAD_HU)
     scale95 = np.asarray(calibration.scales[0.95], np.float32)[group]
     out["uncertainty_width_95_hu"] = float(np.mean(2.0 * scale95 * spread))
-    if voxel_phase is not None:
+    if phases is not None:
         covered = ratio <= scale95
-        for name, where in (("uncertainty_coverage_95_centre", voxel_phase < 1 / 6),
-                            ("uncertainty_coverage_95_midway", voxel_phase >= 1 / 3)):
+        for name, where in (("uncertainty_coverage_95_centre", phases < CENTRE_BELOW),
+                            ("uncertainty_coverage_95_midway", phases >= MIDWAY_FROM)):
             out[name] = float(np.mean(covered[where])) if where.any() else float("nan")
     return out
 
