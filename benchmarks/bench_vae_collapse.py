@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vae_levers import family_data, parse_variant  # noqa: E402
 
 from ctdiff.data.processed import split_cases  # noqa: E402
-from ctdiff.metrics.health import lowpass_code, mean_code  # noqa: E402
+from ctdiff.metrics.health import check_codec  # noqa: E402
 from ctdiff.metrics.image import TruthScorer  # noqa: E402
 from ctdiff.params import params_from_dict, read_params_yaml, set_dotted  # noqa: E402
 from ctdiff.training.vae_fit import scratch_codec, train_as_params  # noqa: E402
@@ -60,10 +60,9 @@ def probe(codec, case) -> dict[str, float]:
     mask = scorer.mask.numpy() if hasattr(scorer.mask, "numpy") else np.asarray(scorer.mask)
     clipped = np.clip(truth, *codec.hu_range)
     mu = posterior.mean[0].flatten(1)
+    codes = check_codec(case.case_id, scorer.score(decoded)["psnr_body"], truth, scorer, codec.downsample)
     return {"sigma": float(posterior.std.mean()), "mu_spread": float(mu.std(dim=1).mean()),
-            "psnr_body": scorer.score(decoded)["psnr_body"],
-            "mean_psnr_body": scorer.score(mean_code(truth, scorer))["psnr_body"],
-            "block_psnr_body": scorer.score(lowpass_code(truth, codec.downsample, codec.hu_range))["psnr_body"],
+            "psnr_body": codes.vae, "mean_psnr_body": codes.mean, "block_psnr_body": codes.lowpass,
             "out_contrast": float(decoded[mask].std() / max(clipped[mask].std(), 1e-6)),
             "out_mean_hu": float(decoded[mask].mean()), "truth_mean_hu": float(clipped[mask].mean())}
 

@@ -64,8 +64,8 @@ def workspace(tmp_path_factory):
                                 target_hu=blobs, source_slices=5)
     write_slabs(processed)
     # The nearly deterministic start is the fixture's own choice, not the committed default's: on its latents the
-    # 3-epoch denoiser of the train-gate test clearly learns (val 0.73 -> 0.69); on the as-built start's it barely
-    # moves (0.396 -> 0.392), which would make that test about noise. The default start is fitted by test_vae_fit.
+    # 3-epoch denoiser of the train-gate test clearly learns (val 0.73 -> 0.69); on the as-built start's its val loss
+    # rose (0.398 -> 0.422), so that test would be about noise. The default start is fitted by test_vae_fit.
     params = gated(**{"vae.scratch_epochs": 6, "vae.scratch_lr": 3e-3, "vae.patches_per_volume": 8,
                       "vae.batch_size": 4, "vae.sd.patch": [4, 32, 32], "vae.logvar_init": -6.0})
     fetch_pretrained(params.vae, root / "models" / "pretrained")

@@ -49,8 +49,8 @@ class Calibration:
     ``phase_edges``, where its slice lies between series 1's slab centres (:meth:`ctdiff.data.slab.SlabOperator.phase`):
     the thick series pins each slab's weighted mean, so the draws agree most at a slab's centre, more than the
     error there falls (MAISI on the periphery phantoms: a 2.8x smaller spread at the centres than midway, a 1.7x
-    smaller error), and one scale per band covered 83 % at the centres and 94 % midway for a nominal 90 %
-    (benchmarks/bench_calibration_phase.py, benchmarks/RESULTS.md).
+    smaller error), and one scale per band covered 81-85 % at the centres and 93-94 % midway for a nominal 90 %
+    (val, leave one case out: benchmarks/bench_calibration_phase.py --loco-val, benchmarks/RESULTS.md).
 
     ``edges_hu``: HU band edges (ascending; ``[]`` = one band); ``phase_edges``: slab-phase edges in (0, 0.5)
     (``[]`` = one group); ``scales[level][band * (len(phase_edges) + 1) + phase bin]``: the spread multiplier whose
