@@ -12,10 +12,10 @@ worst val case's gain over block averaging, and whether vae_fit's gate (on its t
 
 The data of each family are generated once under ``--work`` (fetch_data + preprocess, committed params with
 ``data.phantom.family``). Rows are appended to ``--out`` (CSV) as they finish, so a killed run keeps the rows
-it finished; the Markdown summary (per variant: mean over families x seeds of the paired difference to the
-first variant, and its range) is printed at the end; ``--summarise a.csv b.csv`` prints it for runs split over
-processes (one family or seed each, side by side on one GPU). ``--fp32`` turns CUDA autocast off (the CPU's
-numerics).
+it finished and a later run adds to them (delete the file to start over); the Markdown summary (per variant:
+mean over families x seeds of the paired difference to the first variant, and its range) is printed at the
+end; ``--summarise a.csv b.csv`` prints it for runs split over processes (one family or seed each, side by
+side on one GPU). ``--fp32`` turns CUDA autocast off (the CPU's numerics).
 """
 
 from __future__ import annotations
@@ -155,9 +155,11 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    with args.out.open("w", newline="") as handle:
+    fresh = not args.out.is_file() or args.out.stat().st_size == 0
+    with args.out.open("a", newline="") as handle:  # append: an earlier run's rows in --out are kept
         writer = csv.DictWriter(handle, FIELDS)
-        writer.writeheader()
+        if fresh:
+            writer.writeheader()
         for seed in args.seeds:
             for family in args.families:
                 for name, overrides in variants:
