@@ -145,6 +145,9 @@ def main() -> int:
         names = list(dict.fromkeys([name for name, _ in variants] if args.variant else [r["variant"] for r in rows]))
         print(summary(rows, names))
         return 0
+    fresh = not args.out.is_file() or args.out.stat().st_size == 0
+    if not fresh and args.out.read_text().splitlines()[0] != ",".join(FIELDS):
+        sys.exit(f"{args.out}: its header is not this benchmark's columns; name a new --out")
     common = {"vae.use_maisi": args.arm == "maisi", **(DRY if args.dry_run else {})}
     raw = set_dotted(read_params_yaml(REPO / "params.yaml"), common)
     work = args.work / ("dry" if args.dry_run else "full")
@@ -155,7 +158,6 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    fresh = not args.out.is_file() or args.out.stat().st_size == 0
     with args.out.open("a", newline="") as handle:  # append: an earlier run's rows in --out are kept
         writer = csv.DictWriter(handle, FIELDS)
         if fresh:
